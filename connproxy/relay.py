@@ -1,0 +1,173 @@
+# -*- test-case-name: tests.unit.test_relay -*-
+"""The one relay: splices two byte connections with backpressure and half-close, whatever carries them.
+
+A :class:`Relay` protocol sits on each of the two connections (a client socket, a tunnel stream, a backend
+socket). Once both are connected they are *wired*: each transport is registered as the other's streaming
+producer, so a slow reader pauses the far sender instead of growing buffers (a paused tunnel stream stops
+returning window credit). A FIN on one side becomes ``loseWriteConnection`` on the other; a connection is closed
+once both of its directions are done. An abnormal loss on one side aborts the other.
+
+Every front end (SOCKS5, HTTP CONNECT) and the connector's backend side use this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, ITransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: Bytes a relay side holds for a peer that is not connected yet (pipelined client data); beyond it the
+#: transport is paused.
+MAX_BACKLOG = 256 * 1024
+
+
+@implementer(IHalfCloseableProtocol)
+class Relay(Protocol):
+    """One side of a relay. Subclasses (the SOCKS5 front end) may negotiate first and relay afterwards.
+
+    :ivar peer: the other side, or ``None`` until linked.
+    """
+
+    log = Logger()
+
+    def __init__(self, peer: Relay | None = None) -> None:
+        self.peer: Relay | None = None
+        self._backlog: list[bytes] = []
+        self._backlog_bytes = 0
+        self._wired = False
+        self._read_done = False
+        self._write_done = False
+        self._lost = False
+        self._backlog_fin = False
+        if peer is not None:
+            link(self, peer)
+
+    @property
+    def wired(self) -> bool:
+        """True once both sides are connected and relaying."""
+        return self._wired
+
+    def connectionMade(self) -> None:
+        """Wire the relay if the peer is connected already."""
+        peer = self.peer
+        if peer is not None and peer.connected and not peer._lost:
+            wire(self, peer)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Pass bytes to the peer, or hold them (bounded) until the relay is wired."""
+        if self._wired:
+            assert self.peer is not None and self.peer.transport is not None
+            self.peer.transport.write(data)
+        else:
+            self.hold(data)
+
+    def hold(self, data: bytes) -> None:
+        """Keep ``data`` for the peer until wired; pause reading when the backlog passes :data:`MAX_BACKLOG`."""
+        if not data:
+            return
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
+        if self._backlog_bytes > MAX_BACKLOG and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def readConnectionLost(self) -> None:
+        """Our side sent FIN: half-close the peer's write side (or remember it until wired)."""
+        self._read_done = True
+        if self._wired:
+            assert self.peer is not None
+            self.peer.half_close_write()
+        else:
+            self._backlog_fin = True
+        self._maybe_close()
+
+    def half_close_write(self) -> None:
+        """Shut our transport's write side once its buffer is flushed (FIN, or a tunnel FIN frame)."""
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        lose_write = getattr(transport, "loseWriteConnection", None)
+        if lose_write is None:
+            # TLS in Twisted cannot half-close: keep the connection until the other direction ends too.
+            self._write_done = True
+            self._maybe_close()
+            return
+        lose_write()
+
+    def writeConnectionLost(self) -> None:
+        """Our write side is shut; close once the read side is done as well."""
+        self._write_done = True
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._read_done and self._write_done and self.transport is not None and not self._lost:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        """Close the peer: gracefully after a clean close, by abort after an error."""
+        self._lost = True
+        self._backlog = []
+        peer = self.peer
+        if peer is None or peer._lost or peer.transport is None:
+            return
+        if reason.check(ConnectionDone):
+            peer.transport.loseConnection()
+        else:
+            abort = getattr(peer.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+            else:
+                peer.transport.loseConnection()
+
+    def peer_lost_before_wiring(self, reason: Failure) -> None:
+        """Hook for subclasses: the peer connection went away before the relay was wired."""
+
+
+def link(a: Relay, b: Relay) -> None:
+    """Make ``a`` and ``b`` peers; they wire themselves once both are connected."""
+    a.peer = b
+    b.peer = a
+
+
+def wire(a: Relay, b: Relay) -> None:
+    """Start relaying between two connected sides: producers both ways, then flush what each held back."""
+    if a._wired:
+        return
+    assert a.transport is not None and b.transport is not None
+    a._wired = b._wired = True
+    a.transport.registerProducer(b.transport, True)  # type: ignore[attr-defined]
+    b.transport.registerProducer(a.transport, True)  # type: ignore[attr-defined]
+    for side, other in ((a, b), (b, a)):
+        backlog, side._backlog, side._backlog_bytes = side._backlog, [], 0
+        for chunk in backlog:
+            other.transport.write(chunk)  # type: ignore[union-attr]
+        if side._backlog_fin:
+            other.half_close_write()
+    for side in (a, b):
+        resume = getattr(side.transport, "resumeProducing", None)
+        if resume is not None and not side._read_done:
+            resume()
+
+
+class RelayFactory(Factory):
+    """Builds the far side of a relay for ``endpoint.connect``: a :class:`Relay` linked to ``peer``."""
+
+    def __init__(self, peer: Relay) -> None:
+        self.peer = peer
+
+    def buildProtocol(self, addr: IAddress) -> Relay:
+        """Return a new :class:`Relay` linked to the near side."""
+        return Relay(self.peer)
+
+
+def describe_transport(transport: ITransport | Any) -> str:
+    """``host:port`` of the transport's peer for log lines, or ``"?"``."""
+    try:
+        peer = transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:  # noqa: BLE001 - only for log text
+        return "?"

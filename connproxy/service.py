@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.integration.test_tcp_path -*-
+"""Services: turn a :class:`~connproxy.config.ProxyConfig` or ``ConnectorConfig`` into running listeners.
+
+Certificates and keys are read once here, at start-up. Where the configuration names no TLS files, the
+development PKI in the state folder is used (minted on first use) and the log says where it is.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.endpoints import HostnameEndpoint, SSL4ServerEndpoint, TCP4ServerEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from connproxy import audit, tls
+from connproxy.auth import make_authorizer
+from connproxy.config import ConnectorConfig, ProxyConfig, TlsFiles
+from connproxy.connector import ConnectorService, settings_from
+from connproxy.routing import Router
+from connproxy.socks import Socks5Factory
+from connproxy.state import ensure_dev_pki, state_dir
+from connproxy.tunnel.registry import ConnectorRegistry
+from connproxy.tunnel.server import ProxyTunnelFactory
+
+log = Logger(namespace="connproxy.service")
+
+
+class ListenerService(Service):
+    """Listens on ``endpoint`` with ``factory`` while running. A failure to listen is raised from start-up."""
+
+    def __init__(self, name: str, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
+        self.setName(name)
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        """Start listening; raises (e.g. ``CannotListenError``) when the port cannot be bound."""
+        super().startService()
+        result: list[Any] = []
+        d = self.endpoint.listen(self.factory)
+        d.addBoth(result.append)
+        if result and isinstance(result[0], Failure):
+            result[0].raiseException()
+        if result:
+            self.port = result[0]
+            address: Any = self.port.getHost()
+            log.info("{name} listening on {host}:{port}", name=self.name, host=address.host, port=address.port)
+        else:
+            d.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening (connections stay up)."""
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        d: Deferred[None] = port.stopListening()  # type: ignore[assignment]
+        return d
+
+    @property
+    def port_number(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self.port is not None
+        address: Any = self.port.getHost()
+        return int(address.port)
+
+
+def _resolve_tls(files: TlsFiles, *, proxy: bool, subaccount: str | None = None) -> tuple[str, str, str]:
+    """Certificate, key and CA file paths; the development PKI fills in what the configuration leaves out."""
+    if files.cert_file and files.key_file and files.ca_file:
+        return files.cert_file, files.key_file, files.ca_file
+    kwargs: dict[str, Any] = {}
+    if subaccount is not None:
+        kwargs["subaccount"] = subaccount
+    dev = ensure_dev_pki(**kwargs)
+    log.warn(
+        "using development certificates from {folder} (state folder {state}): not for production",
+        folder=str(dev.dir), state=str(state_dir()),
+    )
+    if proxy:
+        return (files.cert_file or str(dev.proxy_cert), files.key_file or str(dev.proxy_key),
+                files.ca_file or str(dev.ca_cert))
+    return (files.cert_file or str(dev.connector_cert), files.key_file or str(dev.connector_key),
+            files.ca_file or str(dev.ca_cert))
+
+
+class ProxyService(MultiService):
+    """The proxy: tunnel listener, SOCKS5 (and, later, HTTP) front ends, sharing one registry and router."""
+
+    def __init__(self, config: ProxyConfig, reactor: Any, audit_writer: audit.AuditWriter | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.registry = ConnectorRegistry()
+        self.router = Router(self.registry)
+        settings, timers = settings_from(config)
+        cert, key, ca = _resolve_tls(config.tunnel_listener.tls, proxy=True)
+        options = tls.server_options_from_files(cert, key, ca)
+        self.tunnel_factory = ProxyTunnelFactory(
+            self.registry, reactor, settings, timers, replica_id=socket.gethostname(), audit_writer=audit_writer
+        )
+        listener = config.tunnel_listener
+        self.tunnel_listener = ListenerService(
+            "tunnel listener",
+            SSL4ServerEndpoint(reactor, listener.port, options, interface=listener.bind_address),
+            self.tunnel_factory,
+        )
+        self.tunnel_listener.setServiceParent(self)
+        self.socks_listener: ListenerService | None = None
+        if config.socks5.enabled:
+            fe = config.socks5
+            oauth = config.oauth
+            authorizer = make_authorizer(
+                reactor=reactor,
+                tenant_mode=config.tenant_mode,
+                subaccount_id=config.subaccount_id,
+                authorization_enabled=fe.enable_proxy_authorization,
+                allowed_client_ids=oauth.allowed_client_ids if oauth else (),
+                token_keys_file=oauth.token_keys_file if oauth else None,
+                token_keys_url=oauth.token_keys_url if oauth else None,
+                uaa_domain=oauth.uaa_domain if oauth else None,
+                leeway_seconds=oauth.leeway_seconds if oauth else 30,
+            )
+            factory = Socks5Factory(
+                self.router, authorizer, reactor,
+                authorization_enabled=fe.enable_proxy_authorization,
+                handshake_timeout=float(config.client_connection.handshake_timeout_seconds),
+                audit_writer=audit_writer,
+            )
+            self.socks_listener = ListenerService(
+                "SOCKS5 proxy", TCP4ServerEndpoint(reactor, fe.port, interface=config.interface_for(fe)), factory
+            )
+            self.socks_listener.setServiceParent(self)
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop listening, GOAWAY every connector tunnel, give streams up to 10 s, then close tunnels."""
+        d = super().stopService()
+        tunnels = list(self.tunnel_factory.tunnels)
+        for tunnel in tunnels:
+            tunnel.drain()
+        waits = [t.closed for t in tunnels if not t.lost]
+        if not waits:
+            return d
+
+        def force() -> None:
+            for t in tunnels:
+                if not t.lost and t.transport is not None:
+                    t.transport.abortConnection()
+
+        timer = self.reactor.callLater(10.0, force)
+        done = DeferredList([d, *waits], consumeErrors=True)
+        done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+        return done
+
+
+def connector_endpoint_factory(reactor: Any, config: ConnectorConfig) -> Callable[[], IStreamClientEndpoint]:
+    """A factory of fresh TLS endpoints to the proxy (files read once; the name resolved on every connect)."""
+    cert, key, ca = _resolve_tls(config.tls, proxy=False, subaccount=config.subaccount_id)
+    options = tls.client_options_from_files(config.proxy.verify_name, ca, cert, key)
+
+    def make() -> IStreamClientEndpoint:
+        return wrapClientTLS(
+            options,
+            HostnameEndpoint(reactor, config.proxy.host, config.proxy.port,
+                             timeout=config.tunnel.open_timeout_seconds),
+        )
+
+    return make
+
+
+def make_connector_service(config: ConnectorConfig, reactor: Any,
+                           audit_writer: audit.AuditWriter | None = None) -> ConnectorService:
+    """The connector service for ``config``."""
+    return ConnectorService(reactor, config, connector_endpoint_factory(reactor, config), audit_writer=audit_writer)

@@ -1,0 +1,410 @@
+# -*- test-case-name: tests.unit.test_tunnel -*-
+"""One tunnel connection as a Twisted protocol: feeds the sans-IO session and writes what it returns.
+
+:class:`TunnelConnection` is shared by both ends; the proxy's listener and the connector subclass it for the
+handshake and for what to do with streams the peer opens. It is a streaming producer for its transport: while the
+transport is congested only control frames are written (PING, credit, RESET ...) and every stream that wants to
+send is blocked, which pauses the socket feeding it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolFactory, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from connproxy.tunnel.errors import OpenTimeoutError, StreamRefusedError, TunnelLostError
+from connproxy.tunnel.stream import TunnelStream
+from connproxy.wire.errors import ErrorCode, ProtocolError
+from connproxy.wire.events import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HelloReceived,
+    OpenRequest,
+    PingAcknowledged,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from connproxy.wire.session import Role, Session, Settings
+
+_PING = struct.Struct(">d")
+
+
+class TunnelTimers:
+    """Timer settings of a tunnel connection (seconds)."""
+
+    __slots__ = ("ping_interval", "dead_after", "open_timeout", "handshake_timeout")
+
+    def __init__(
+        self,
+        ping_interval: float = 10.0,
+        dead_after: float = 30.0,
+        open_timeout: float = 15.0,
+        handshake_timeout: float = 15.0,
+    ) -> None:
+        self.ping_interval = ping_interval
+        self.dead_after = dead_after
+        self.open_timeout = open_timeout
+        self.handshake_timeout = handshake_timeout
+
+
+@implementer(IPushProducer)
+class TunnelConnection(Protocol):
+    """The Twisted side of one tunnel. Subclasses implement :meth:`hello_received` and :meth:`stream_opened`."""
+
+    log = Logger()
+
+    def __init__(self, role: Role, settings: Settings, clock: IReactorTime, timers: TunnelTimers) -> None:
+        self.session = Session(role, settings)
+        self.clock = clock
+        self.timers = timers
+        self.streams: dict[int, TunnelStream] = {}
+        self._blocked: dict[int, TunnelStream] = {}
+        self._opening: dict[int, tuple[Deferred[Protocol], IProtocolFactory, IDelayedCall]] = {}
+        self._paused = False
+        self._in_receive = False
+        self._keepalive: LoopingCall | None = None
+        self._handshake_timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
+        self.last_received = 0.0
+        self.rtt: float | None = None
+        self.lost = False
+        self.closed: Deferred[None] = Deferred()
+        self.bytes_received = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def connectionMade(self) -> None:
+        """Start the handshake and keepalive timers and register as the transport's producer."""
+        assert self.transport is not None
+        self.last_received = self.clock.seconds()
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+        self._handshake_timer = self.clock.callLater(self.timers.handshake_timeout, self._handshake_timed_out)
+        self._keepalive = LoopingCall(self._keepalive_tick)
+        self._keepalive.clock = self.clock
+        self._keepalive.start(self.timers.ping_interval, now=False)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        """Fail pending opens, reset every stream (their relays abort) and stop the timers."""
+        self.lost = True
+        for timer in (self._handshake_timer, self._abort_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        opening, self._opening = self._opening, {}
+        for d, _factory, timer in opening.values():
+            if timer.active():
+                timer.cancel()
+            d.errback(TunnelLostError("the tunnel closed while the stream was being opened"))
+        for stream in list(self.streams.values()):
+            stream.reset(ErrorCode.INTERNAL_ERROR, "tunnel lost")
+        self.streams.clear()
+        self._blocked.clear()
+        self.tunnel_lost(reason)
+        self.closed.callback(None)
+
+    def tunnel_lost(self, reason: Failure | None) -> None:
+        """Hook: the connection is gone (deregister, schedule a reconnect ...)."""
+
+    def fail(self, code: ErrorCode, reason: str) -> None:
+        """End the tunnel: GOAWAY ``code``, then close (abort if the peer does not read within 5 s)."""
+        if self.lost or self.transport is None:
+            return
+        self.session.go_away(code, reason)
+        self._flush(force=True)
+        self.transport.loseConnection()
+        if self._abort_timer is None:
+            self._abort_timer = self.clock.callLater(5.0, self._abort)
+
+    def _abort(self) -> None:
+        if not self.lost and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if not self.session.ready:
+            self.log.warn("tunnel handshake timed out with {peer}", peer=self.describe_peer())
+            self.fail(ErrorCode.PROTOCOL_ERROR, "handshake timeout")
+
+    def _keepalive_tick(self) -> None:
+        now = self.clock.seconds()
+        if now - self.last_received > self.timers.dead_after:
+            self.log.warn(
+                "tunnel to {peer} silent for {silent:.1f}s: closing", peer=self.describe_peer(),
+                silent=now - self.last_received,
+            )
+            self.fail(ErrorCode.KEEPALIVE_TIMEOUT, "nothing received")
+            self._abort()
+            return
+        self.session.ping(_PING.pack(now))
+        self._flush()
+
+    def handshake_done(self) -> None:
+        """Call when the HELLO exchange is complete (cancels the handshake timer)."""
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    # ------------------------------------------------------------------ input
+
+    def dataReceived(self, data: bytes) -> None:
+        """Feed the session and dispatch its events; a protocol error ends the tunnel."""
+        self.last_received = self.clock.seconds()
+        self.bytes_received += len(data)
+        self._in_receive = True
+        try:
+            try:
+                events = self.session.receive_data(data)
+            except ProtocolError as e:
+                self.log.warn(
+                    "tunnel protocol error from {peer}: {code} {error}", peer=self.describe_peer(),
+                    code=e.code.name, error=str(e),
+                )
+                self.fail(e.code, str(e))
+                return
+            for event in events:
+                self._dispatch(event)
+        finally:
+            self._in_receive = False
+        self._flush()
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.data_received(event.data)
+            else:
+                self.session.acknowledge(event.stream_id, len(event.data))
+        elif isinstance(event, WindowUpdated):
+            if event.stream_id == 0:
+                self._unblock_all()
+            else:
+                blocked = self._blocked.pop(event.stream_id, None)
+                if blocked is not None:
+                    blocked.window_available()
+        elif isinstance(event, StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.remote_ended()
+        elif isinstance(event, StreamOpened):
+            stream = TunnelStream(self, event.stream_id, event.request)
+            self.streams[event.stream_id] = stream
+            self.stream_opened(stream)
+        elif isinstance(event, StreamAccepted):
+            self._on_accepted(event.stream_id)
+        elif isinstance(event, StreamReset):
+            self._on_reset(event)
+        elif isinstance(event, PingAcknowledged):
+            (sent,) = _PING.unpack(event.payload)
+            self.rtt = max(0.0, self.clock.seconds() - sent)
+        elif isinstance(event, HelloReceived):
+            self.hello_received(event)
+        elif isinstance(event, GoAwayReceived):
+            self.log.info(
+                "tunnel peer {peer} sent GOAWAY {code}: {reason}", peer=self.describe_peer(),
+                code=event.code.name, reason=event.reason,
+            )
+            self.goaway_received(event)
+
+    def hello_received(self, event: HelloReceived) -> None:
+        """Hook: the peer's HELLO arrived."""
+        raise NotImplementedError
+
+    def stream_opened(self, stream: TunnelStream) -> None:
+        """Hook: the peer opened ``stream``; accept it with :meth:`accept` or refuse it with ``reset_stream``."""
+        self.reset_stream(stream.stream_id, ErrorCode.REFUSED_STREAM, "this side accepts no streams")
+        stream.reset(ErrorCode.REFUSED_STREAM, "refused")
+
+    def goaway_received(self, event: GoAwayReceived) -> None:
+        """Hook: the peer will accept no new streams."""
+
+    # ------------------------------------------------------------------ streams we open
+
+    def open_stream(self, request: OpenRequest, factory: IProtocolFactory) -> Deferred[Protocol]:
+        """Open a stream to ``request``'s target; fire with the protocol ``factory`` built once ACCEPT arrives.
+
+        Fails with :class:`StreamRefusedError` (RESET), :class:`OpenTimeoutError` or :class:`TunnelLostError`.
+        Cancelling the Deferred resets the stream with ``CANCEL``.
+        """
+        if self.lost or not self.session.can_open():
+            return fail(StreamRefusedError(ErrorCode.REFUSED_STREAM, "tunnel not accepting new streams"))
+        stream_id = self.session.open_stream(request)
+        self.streams[stream_id] = TunnelStream(self, stream_id, request)
+
+        def cancel(d: Deferred[Protocol]) -> None:
+            entry = self._opening.pop(stream_id, None)
+            if entry is not None:
+                entry[2].cancel()
+                self._drop_opening_stream(stream_id, ErrorCode.CANCEL, "opener cancelled")
+
+        d: Deferred[Protocol] = Deferred(cancel)
+        timer = self.clock.callLater(self.timers.open_timeout, self._open_timed_out, stream_id)
+        self._opening[stream_id] = (d, factory, timer)
+        self._flush()
+        self.streams_changed()
+        return d
+
+    def _drop_opening_stream(self, stream_id: int, code: ErrorCode, reason: str) -> None:
+        self.reset_stream(stream_id, code, reason)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.reset(code, reason)
+
+    def _open_timed_out(self, stream_id: int) -> None:
+        entry = self._opening.pop(stream_id, None)
+        if entry is None:
+            return
+        self._drop_opening_stream(stream_id, ErrorCode.CANCEL, "open timeout")
+        entry[0].errback(OpenTimeoutError(f"no answer to OPEN within {self.timers.open_timeout:g}s"))
+
+    def _on_accepted(self, stream_id: int) -> None:
+        entry = self._opening.pop(stream_id, None)
+        stream = self.streams.get(stream_id)
+        if entry is None or stream is None:
+            return
+        d, factory, timer = entry
+        timer.cancel()
+        protocol = factory.buildProtocol(self.peer_address())
+        if protocol is None:
+            self.reset_stream(stream_id, ErrorCode.CANCEL, "no protocol")
+            stream.reset(ErrorCode.CANCEL, "no protocol")
+            d.errback(StreamRefusedError(ErrorCode.CANCEL, "factory built no protocol"))
+            return
+        stream.attach(protocol)
+        d.callback(protocol)
+
+    def _on_reset(self, event: StreamReset) -> None:
+        entry = self._opening.pop(event.stream_id, None)
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.reset(event.code, event.reason)
+        if entry is not None:
+            entry[2].cancel()
+            entry[0].errback(StreamRefusedError(event.code, event.reason))
+
+    def accept(self, stream: TunnelStream, protocol: Protocol) -> None:
+        """Accept a stream the peer opened and connect ``protocol`` to it (early data is delivered now)."""
+        self.session.accept_stream(stream.stream_id)
+        self._flush()
+        stream.attach(protocol)
+
+    # ------------------------------------------------------------------ called by streams
+
+    @property
+    def congested(self) -> bool:
+        """True while the transport paused us: streams must hold their data."""
+        return self._paused
+
+    def send_data(self, stream_id: int, data: bytes) -> int:
+        """Send stream bytes within the windows; returns how many were taken (all, for a vanished stream)."""
+        if not self.session.has_stream(stream_id):
+            return len(data)
+        sent = self.session.send_data(stream_id, data)
+        self._flush()
+        return sent
+
+    def end_stream(self, stream_id: int) -> None:
+        """Send FIN on the stream."""
+        if self.session.has_stream(stream_id):
+            self.session.end_stream(stream_id)
+            self._flush()
+
+    def reset_stream(self, stream_id: int, code: ErrorCode, reason: str = "", after_data: bool = False) -> None:
+        """Send RESET for the stream."""
+        self.session.reset_stream(stream_id, code, reason, after_data=after_data)
+        self._flush()
+
+    def acknowledge(self, stream_id: int, count: int) -> None:
+        """Return credit for ``count`` bytes the stream passed on."""
+        self.session.acknowledge(stream_id, count)
+        self._flush()
+
+    def stream_blocked(self, stream: TunnelStream) -> None:
+        """``stream`` waits for credit or for the transport to drain."""
+        self._blocked[stream.stream_id] = stream
+
+    def stream_finished(self, stream: TunnelStream) -> None:
+        """``stream`` is done: forget it."""
+        self.streams.pop(stream.stream_id, None)
+        self._blocked.pop(stream.stream_id, None)
+        if stream.stream_id in self._opening:
+            d, _factory, timer = self._opening.pop(stream.stream_id)
+            timer.cancel()
+            d.errback(TunnelLostError("stream closed before it was accepted"))
+        self.streams_changed()
+
+    def streams_changed(self) -> None:
+        """Hook: the number of streams changed (load-based routing, drain)."""
+
+    def _unblock_all(self) -> None:
+        blocked, self._blocked = self._blocked, {}
+        for stream in blocked.values():
+            if self._paused:
+                self._blocked[stream.stream_id] = stream
+            else:
+                stream.window_available()
+
+    # ------------------------------------------------------------------ output and IPushProducer
+
+    def _flush(self, force: bool = False) -> None:
+        if self._in_receive and not force:
+            return
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        chunks = self.session.take_output(include_data=force or not self._paused)
+        if chunks:
+            transport.writeSequence(chunks)
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full: hold DATA, block streams (their sockets pause)."""
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        """The transport drained: write held DATA and let blocked streams go on."""
+        self._paused = False
+        self._flush()
+        if not self._paused:
+            self._unblock_all()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; ``connectionLost`` follows."""
+
+    # ------------------------------------------------------------------ helpers
+
+    def peer_address(self) -> IAddress:
+        """The transport's peer address."""
+        assert self.transport is not None
+        return self.transport.getPeer()  # type: ignore[no-any-return]
+
+    def describe_peer(self) -> str:
+        """``host:port`` of the peer for log lines."""
+        try:
+            peer: Any = self.peer_address()
+            return f"{peer.host}:{peer.port}"
+        except Exception:  # noqa: BLE001 - only for log text
+            return "?"
+
+    @staticmethod
+    def new_ping_payload() -> bytes:
+        """Random 8 bytes (unused by the keepalive, which sends its clock; for tests and tools)."""
+        return os.urandom(8)

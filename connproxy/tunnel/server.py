@@ -1,0 +1,266 @@
+# -*- test-case-name: tests.unit.test_tunnel_server -*-
+"""The proxy's end of connector tunnels: the TLS listener protocol on the tunnel port (default 8042).
+
+The first bytes decide what a connection is: the tunnel preface starts a tunnel; anything else is read as an
+HTTP/1.1 request, for ``GET /healthcheck`` (which needs no client certificate). A tunnel must present a connector
+certificate signed by the connector CA; its identity (subaccount, optionally location) comes from the
+certificate, never from the handshake alone.
+"""
+
+from __future__ import annotations
+
+import h11
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from connproxy import audit
+from connproxy.certs import CertificateIdentityError
+from connproxy.tls import peer_identity
+from connproxy.tunnel.connection import TunnelConnection, TunnelTimers
+from connproxy.tunnel.registry import ConnectorRegistry
+from connproxy.wire.errors import ErrorCode
+from connproxy.wire.events import HelloReceived
+from connproxy.wire.frames import PREFACE
+from connproxy.wire.session import Role, Settings
+
+MAX_CONNECTOR_ID = 128
+CAPABILITIES = ["half-close", "early-data"]
+
+
+class ProxyTunnel(TunnelConnection):
+    """A tunnel from one connector, or a health-check request on the same port."""
+
+    log = Logger()
+
+    def __init__(self, factory: ProxyTunnelFactory) -> None:
+        super().__init__(Role.LISTENER, factory.settings, factory.clock, factory.timers)
+        self.factory = factory
+        self.tenant = ""
+        self.location = ""
+        self.connector_id = ""
+        self._sniffed = b""
+        self._mode: str | None = None
+        self._health: h11.Connection | None = None
+        self._registered = False
+        self.drain_requested = False
+
+    # ------------------------------------------------------------------ registry view
+
+    @property
+    def load(self) -> int:
+        """Open streams on this tunnel."""
+        return len(self.streams)
+
+    @property
+    def routable(self) -> bool:
+        """True while new streams may be routed here."""
+        s = self.session
+        return s.ready and not self.lost and not s.remote_goaway and not s.local_goaway and not s.terminated
+
+    @property
+    def tunnel_id(self) -> str:
+        """SAP's tunnel identifier form, ``account:///<subaccount>``."""
+        return f"account:///{self.tenant}"
+
+    def replaced(self) -> None:
+        """A newer tunnel of the same connector took over: GOAWAY REPLACED, close once the streams are done."""
+        self._registered = False
+        self.drain(ErrorCode.REPLACED, "replaced by a newer tunnel of the same connector")
+
+    def drain(self, code: ErrorCode = ErrorCode.SHUTTING_DOWN, reason: str = "proxy shutting down") -> None:
+        """Take no new streams; close when the last stream ends."""
+        self.drain_requested = True
+        if self.lost or self.transport is None:
+            return
+        self.session.go_away(code, reason)
+        self._flush()
+        self.streams_changed()
+
+    def streams_changed(self) -> None:
+        """Close a draining tunnel once it carries no stream."""
+        if self.drain_requested and not self.streams and not self.lost and self.transport is not None:
+            self.transport.loseConnection()
+
+    # ------------------------------------------------------------------ sniffing
+
+    def dataReceived(self, data: bytes) -> None:
+        """Decide between tunnel and HTTP on the first bytes, then hand over."""
+        if self._mode == "tunnel":
+            super().dataReceived(data)
+            return
+        if self._mode == "http":
+            self._health_data(data)
+            return
+        self._sniffed += data
+        head = self._sniffed[: len(PREFACE)]
+        if PREFACE.startswith(head) and len(self._sniffed) < len(PREFACE):
+            return
+        data, self._sniffed = self._sniffed, b""
+        if head == PREFACE:
+            self._mode = "tunnel"
+            super().dataReceived(data)
+        else:
+            self._mode = "http"
+            self._health = h11.Connection(h11.SERVER, max_incomplete_event_size=8192)
+            self._health_data(data)
+
+    def _health_data(self, data: bytes) -> None:
+        assert self._health is not None and self.transport is not None
+        conn = self._health
+        conn.receive_data(data)
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                self._health_reply(e.error_status_hint, b"bad request\n")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                path = event.target.split(b"?", 1)[0]
+                if event.method not in (b"GET", b"HEAD"):
+                    self._health_reply(405, b"method not allowed\n")
+                elif path == b"/healthcheck":
+                    self._health_reply(200, b"OK\n", head=event.method == b"HEAD")
+                elif path == b"/":
+                    self._health_reply(302, b"", location=b"/healthcheck")
+                else:
+                    self._health_reply(404, b"not found\n")
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                self.transport.loseConnection()
+                return
+
+    def _health_reply(self, status: int, body: bytes, head: bool = False, location: bytes | None = None) -> None:
+        assert self._health is not None and self.transport is not None
+        conn = self._health
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        if location is not None:
+            headers.append((b"location", location))
+        try:
+            out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+            if body and not head:
+                out += conn.send(h11.Data(data=body)) or b""
+            out += conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            out = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        self.transport.write(out)
+        self.transport.loseConnection()
+        self.handshake_done()
+
+    # ------------------------------------------------------------------ tunnel handshake
+
+    def hello_received(self, event: HelloReceived) -> None:
+        """Check the connector's identity against its certificate; register it, or refuse and audit."""
+        hello = event.hello
+        connector_id = hello.get("connector_id")
+        claimed_tenant = hello.get("subaccount")
+        claimed_location = hello.get("location")
+        peer = self.describe_peer()
+        try:
+            identity = peer_identity(self.transport)
+        except CertificateIdentityError as e:
+            self._refuse(str(e), str(connector_id), str(claimed_tenant), peer)
+            return
+        if identity is None:
+            self._refuse("client certificate required", str(connector_id), str(claimed_tenant), peer)
+            return
+        if not isinstance(connector_id, str) or not connector_id or len(connector_id) > MAX_CONNECTOR_ID:
+            self._refuse("HELLO without a valid connector_id", "", identity.subaccount, peer)
+            return
+        if claimed_tenant != identity.subaccount:
+            self._refuse(
+                f"certificate binds subaccount {identity.subaccount!r}, handshake claims {claimed_tenant!r:.80}",
+                connector_id, identity.subaccount, peer,
+            )
+            return
+        if claimed_location is not None and not isinstance(claimed_location, str):
+            self._refuse("HELLO location is not a string", connector_id, identity.subaccount, peer)
+            return
+        if identity.location is not None:
+            if claimed_location is not None and claimed_location != identity.location:
+                self._refuse(
+                    f"certificate binds location {identity.location!r}, handshake claims {claimed_location!r:.80}",
+                    connector_id, identity.subaccount, peer,
+                )
+                return
+            location = identity.location
+        else:
+            location = claimed_location or ""
+        self.tenant = identity.subaccount
+        self.location = location
+        self.connector_id = connector_id
+        self.session.send_hello(
+            {
+                "replica_id": self.factory.replica_id,
+                "tunnel_id": self.tunnel_id,
+                "capabilities": CAPABILITIES,
+            }
+        )
+        self.handshake_done()
+        self._flush(force=True)
+        self.factory.registry.register(self)
+        self._registered = True
+        self.log.info(
+            "connector {connector_id} registered for subaccount {tenant} location {location} from {peer}",
+            connector_id=connector_id, tenant=self.tenant, location=location or "(default)", peer=peer,
+        )
+        audit.tunnel_handshake(
+            True, tenant=self.tenant, connector_id=connector_id, location=location, reason=None, peer=peer,
+            writer=self.factory.audit_writer,
+        )
+
+    def _refuse(self, reason: str, connector_id: str, tenant: str, peer: str) -> None:
+        self.log.warn(
+            "tunnel handshake refused for connector {connector_id} from {peer}: {reason}",
+            connector_id=connector_id, peer=peer, reason=reason,
+        )
+        audit.tunnel_handshake(
+            False, tenant=tenant, connector_id=connector_id, location=None, reason=reason, peer=peer,
+            writer=self.factory.audit_writer,
+        )
+        self.fail(ErrorCode.AUTH_FAILED, reason)
+
+    def tunnel_lost(self, reason: Failure | None) -> None:
+        """Deregister at once, so that a reconnecting connector is not refused or shadowed."""
+        if self.connector_id and self.session.ready:
+            self.factory.registry.unregister(self)
+            self.log.info(
+                "tunnel of connector {connector_id} (subaccount {tenant}, location {location}) closed",
+                connector_id=self.connector_id, tenant=self.tenant, location=self.location or "(default)",
+            )
+        self.factory.tunnels.discard(self)
+
+
+class ProxyTunnelFactory(Factory):
+    """Builds :class:`ProxyTunnel` protocols sharing one registry."""
+
+    def __init__(
+        self,
+        registry: ConnectorRegistry,
+        clock: IReactorTime,
+        settings: Settings | None = None,
+        timers: TunnelTimers | None = None,
+        replica_id: str = "0",
+        audit_writer: audit.AuditWriter | None = None,
+    ) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.settings = settings or Settings()
+        self.timers = timers or TunnelTimers()
+        self.replica_id = replica_id
+        self.audit_writer = audit_writer
+        self.tunnels: set[ProxyTunnel] = set()
+
+    def buildProtocol(self, addr: IAddress) -> ProxyTunnel:
+        """A new connection on the tunnel port."""
+        tunnel = ProxyTunnel(self)
+        tunnel.factory = self
+        self.tunnels.add(tunnel)
+        return tunnel

@@ -1,0 +1,295 @@
+# -*- test-case-name: tests.unit.test_tunnel -*-
+"""A tunnel stream as a Twisted transport (the shape of ``twisted.web._http2.H2Stream``).
+
+The protocol on a stream (a :class:`connproxy.relay.Relay`) sees an ordinary half-closeable transport:
+
+* ``write`` sends DATA within the flow-control windows; what does not fit waits here and the registered
+  producer (the socket feeding us) is paused until credit returns, so at most one read is held per stream.
+* Received DATA goes straight to the protocol; its credit is returned only if the protocol's consumer did not
+  pause us while taking it. Bytes taken while paused are credited on ``resumeProducing``.
+* ``loseWriteConnection`` sends FIN after the pending bytes; ``loseConnection`` also ends the stream once both
+  directions are done; ``abortConnection`` resets it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from connproxy.tunnel.errors import StreamResetError
+from connproxy.wire.errors import ErrorCode
+from connproxy.wire.events import OpenRequest
+
+if TYPE_CHECKING:
+    from connproxy.tunnel.connection import TunnelConnection
+
+
+@implementer(ITransport, IConsumer, IPushProducer)
+class TunnelStream:
+    """One stream of a :class:`~connproxy.tunnel.connection.TunnelConnection`, usable as a transport."""
+
+    __slots__ = (
+        "stream_id",
+        "request",
+        "connection",
+        "protocol",
+        "_producer",
+        "_producer_paused",
+        "_pending",
+        "_fin_pending",
+        "_close_pending",
+        "_local_fin",
+        "_remote_fin",
+        "_closed",
+        "_reading_paused",
+        "_unacked",
+        "_early",
+        "disconnecting",
+        "bytes_in",
+        "bytes_out",
+    )
+
+    def __init__(self, connection: TunnelConnection, stream_id: int, request: OpenRequest) -> None:
+        self.stream_id = stream_id
+        self.request = request
+        self.connection = connection
+        self.protocol: Protocol | None = None
+        self._producer: IPushProducer | None = None
+        self._producer_paused = False
+        self._pending: bytes = b""
+        self._fin_pending = False
+        self._close_pending = False
+        self._local_fin = False
+        self._remote_fin = False
+        self._closed = False
+        self._reading_paused = False
+        self._unacked = 0
+        self._early: list[bytes] | None = None
+        self.disconnecting = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def __repr__(self) -> str:
+        return f"<TunnelStream {self.stream_id} {self.request.host}:{self.request.port}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once the stream is finished (both FINs, reset or tunnel lost)."""
+        return self._closed
+
+    # ------------------------------------------------------------------ attaching a protocol
+
+    def attach(self, protocol: Protocol) -> None:
+        """Connect ``protocol`` to this stream and deliver any data that arrived before (early data)."""
+        self.protocol = protocol
+        protocol.makeConnection(self)
+        early, self._early = self._early, None
+        if early:
+            for chunk in early:
+                self._deliver(chunk)
+        if self._remote_fin and not self._closed:
+            self._notify_read_closed()
+
+    # ------------------------------------------------------------------ events from the connection
+
+    def data_received(self, data: bytes) -> None:
+        """DATA arrived for this stream."""
+        self.bytes_in += len(data)
+        if self.protocol is None:
+            if self._early is None:
+                self._early = []
+            self._early.append(data)  # bounded by the stream window: nothing is acknowledged yet
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        assert self.protocol is not None
+        self.protocol.dataReceived(data)
+        if self._reading_paused:
+            self._unacked += len(data)
+        else:
+            self.connection.acknowledge(self.stream_id, len(data))
+
+    def remote_ended(self) -> None:
+        """The peer sent FIN."""
+        self._remote_fin = True
+        if self.protocol is not None:
+            self._notify_read_closed()
+
+    def _notify_read_closed(self) -> None:
+        protocol = self.protocol
+        if self._local_fin:
+            self._finish(Failure(ConnectionDone()))
+            return
+        half = IHalfCloseableProtocol(protocol, None)
+        if half is not None:
+            half.readConnectionLost()
+        else:
+            self.loseConnection()
+
+    def reset(self, code: ErrorCode, reason: str) -> None:
+        """The stream was reset (by the peer, or because the tunnel is gone)."""
+        self._finish(Failure(StreamResetError(code, reason)))
+
+    def window_available(self) -> None:
+        """Send credit grew or the tunnel drained: push pending bytes and resume the producer if all went."""
+        if self._closed:
+            return
+        if self._pending:
+            data, self._pending = self._pending, b""
+            self._send(data)
+        if not self._pending:
+            if self._fin_pending:
+                self._fin_pending = False
+                self._send_fin()
+            if self._producer is not None and self._producer_paused and not self._closed:
+                self._producer_paused = False
+                self._producer.resumeProducing()
+
+    # ------------------------------------------------------------------ ITransport
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` on the stream; pauses the registered producer while it waits for credit."""
+        if self._closed or self._local_fin or self._fin_pending or not data:
+            return
+        self.bytes_out += len(data)
+        if self._pending or self.connection.congested:
+            self._pending += data
+            self._block()
+            return
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        sent = self.connection.send_data(self.stream_id, data)
+        if sent < len(data):
+            self._pending = data[sent:]
+            self._block()
+
+    def _block(self) -> None:
+        self.connection.stream_blocked(self)
+        if self._producer is not None and not self._producer_paused:
+            self._producer_paused = True
+            self._producer.pauseProducing()
+
+    def writeSequence(self, data: list[bytes]) -> None:  # type: ignore[override]
+        """Send the concatenation of ``data``."""
+        self.write(b"".join(data))
+
+    def loseWriteConnection(self) -> None:
+        """Half-close: send FIN once pending bytes are out."""
+        if self._closed or self._local_fin or self._fin_pending:
+            return
+        if self._pending:
+            self._fin_pending = True
+        else:
+            self._send_fin()
+
+    def _send_fin(self) -> None:
+        self._local_fin = True
+        self.connection.end_stream(self.stream_id)
+        if self._remote_fin:
+            self._finish(Failure(ConnectionDone()))
+            return
+        half = IHalfCloseableProtocol(self.protocol, None)
+        if half is not None:
+            half.writeConnectionLost()
+        if self._close_pending:
+            # We will read nothing more: the far end is told to stop after our FIN (graceful reset).
+            self.connection.reset_stream(self.stream_id, ErrorCode.NORMAL, "closed", after_data=True)
+            self._finish(Failure(ConnectionDone()))
+
+    def loseConnection(self) -> None:
+        """Close after pending bytes: FIN, then (if the peer still sends) a RESET queued behind the data."""
+        if self._closed:
+            return
+        self.disconnecting = True
+        if self._local_fin:
+            if not self._remote_fin:
+                self.connection.reset_stream(self.stream_id, ErrorCode.NORMAL, "closed", after_data=True)
+                self._finish(Failure(ConnectionDone()))
+            return
+        self._close_pending = True
+        if not self._fin_pending:
+            self.loseWriteConnection()
+        # else: _send_fin() runs when the pending bytes are out and completes the close
+
+    def abortConnection(self) -> None:
+        """Reset the stream at once (``CANCEL``), discarding pending bytes."""
+        if self._closed:
+            return
+        self.connection.reset_stream(self.stream_id, ErrorCode.CANCEL, "aborted")
+        self._finish(Failure(ConnectionDone()))
+
+    def getPeer(self) -> IAddress:
+        """The tunnel's peer address (the connector or the proxy)."""
+        peer: IAddress = self.connection.peer_address()
+        return peer
+
+    def getHost(self) -> IAddress:
+        """A placeholder local address: a stream has no socket of its own."""
+        return IPv4Address("TCP", "0.0.0.0", 0)
+
+    # ------------------------------------------------------------------ IConsumer
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        """Register the producer feeding this stream; it is paused at once if the stream is blocked."""
+        if self._producer is not None:
+            raise RuntimeError("a producer is already registered")
+        self._producer = producer
+        self._producer_paused = False
+        if self._pending or self.connection.congested:
+            self._producer_paused = True
+            producer.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        """Forget the producer."""
+        self._producer = None
+
+    # ------------------------------------------------------------------ IPushProducer (our reading side)
+
+    def pauseProducing(self) -> None:
+        """Our consumer is full: stop returning credit, so the far end stops sending within a window."""
+        self._reading_paused = True
+
+    def resumeProducing(self) -> None:
+        """Our consumer drained: return the credit of everything delivered meanwhile."""
+        self._reading_paused = False
+        if self._unacked:
+            count, self._unacked = self._unacked, 0
+            self.connection.acknowledge(self.stream_id, count)
+
+    def stopProducing(self) -> None:
+        """Our consumer went away: close the stream after what is pending."""
+        self.loseConnection()
+
+    # ------------------------------------------------------------------ teardown
+
+    def _finish(self, reason: Failure) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.disconnecting = True
+        self._pending = b""
+        self._early = None
+        if self._unacked:
+            count, self._unacked = self._unacked, 0
+            self.connection.acknowledge(self.stream_id, count)
+        self.connection.stream_finished(self)
+        producer, self._producer = self._producer, None
+        protocol, self.protocol = self.protocol, None
+        if producer is not None and self._producer_paused:
+            self._producer_paused = False
+        if protocol is not None:
+            protocol.connectionLost(reason)

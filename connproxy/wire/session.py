@@ -1,0 +1,639 @@
+"""The tunnel session: a sans-IO state machine for one tunnel connection (``docs/tunnel-protocol.md``).
+
+Feed received bytes to :meth:`Session.receive_data`, act on the events it returns, and write what
+:meth:`Session.take_output` returns. Commands (``open_stream``, ``send_data``, ``acknowledge`` ...) queue frames.
+The session has no clock and does no I/O; keepalive and timeouts are the caller's timers.
+
+Flow control (spec section 3.4): received DATA is only credited back once the application calls
+:meth:`Session.acknowledge` for it, i.e. once it has passed the bytes on.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from connproxy.wire import frames as f
+from connproxy.wire.errors import ErrorCode, ProtocolError, StreamStateError
+from connproxy.wire.events import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HelloReceived,
+    OpenRequest,
+    PingAcknowledged,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+
+SUPPORTED_VERSIONS = (1,)
+#: GOAWAY codes that drain (streams go on) rather than end the session at once.
+_DRAIN_CODES = frozenset({ErrorCode.NORMAL, ErrorCode.SHUTTING_DOWN, ErrorCode.REPLACED})
+MAX_CONTROL_BACKLOG = 1 << 20
+
+_DATA = f.FrameType.DATA
+_pack_header = f.HEADER.pack
+_FV = f.FRAMING_VERSION
+
+
+class Role(enum.Enum):
+    """Which end of the transport this session is: the dialer (connector) or the listener (proxy)."""
+
+    DIALER = "dialer"
+    LISTENER = "listener"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What this side accepts (announced in HELLO). See spec section 6 for the defaults."""
+
+    stream_window: int = 4 * 1024 * 1024
+    connection_window: int = 64 * 1024 * 1024
+    max_frame: int = 65536
+    max_streams: int = 10000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.stream_window <= f.MAX_WINDOW:
+            raise ValueError("stream_window out of range")
+        if not self.stream_window <= self.connection_window <= f.MAX_WINDOW:
+            raise ValueError("connection_window must be at least stream_window and at most 2**31-1")
+        if not f.MIN_MAX_FRAME <= self.max_frame <= f.MAX_MAX_FRAME:
+            raise ValueError("max_frame out of range")
+        if self.max_streams < 1:
+            raise ValueError("max_streams must be positive")
+
+    def to_json(self) -> dict[str, int]:
+        """The ``settings`` object of a HELLO."""
+        return {
+            "stream_window": self.stream_window,
+            "connection_window": self.connection_window,
+            "max_frame": self.max_frame,
+            "max_streams": self.max_streams,
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> Settings:
+        """Parse a peer's ``settings`` object; absent fields take the defaults.
+
+        :raises ProtocolError: ``PROTOCOL_ERROR`` when a field has the wrong type or range.
+        """
+        if value is None:
+            return cls()
+        if not isinstance(value, Mapping):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO settings is not an object")
+        kwargs: dict[str, int] = {}
+        for name in ("stream_window", "connection_window", "max_frame", "max_streams"):
+            if name in value:
+                item = value[name]
+                if not isinstance(item, int) or isinstance(item, bool):
+                    raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"HELLO setting {name} is not an integer")
+                kwargs[name] = item
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"bad HELLO settings: {e}") from None
+
+
+class _Stream:
+    """Per-stream bookkeeping. Kept small: an idle stream costs one of these."""
+
+    __slots__ = ("send_window", "recv_window", "pending_credit", "unacked", "local_fin", "remote_fin", "accepted")
+
+    def __init__(self, send_window: int, recv_window: int, accepted: bool) -> None:
+        self.send_window = send_window
+        self.recv_window = recv_window
+        self.pending_credit = 0
+        self.unacked = 0
+        self.local_fin = False
+        self.remote_fin = False
+        self.accepted = accepted
+
+
+def _decode_json(payload: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(payload.decode("utf-8")) if payload else {}
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{what} payload is not UTF-8 JSON") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{what} payload is not a JSON object")
+    return value
+
+
+def _parse_open(payload: bytes) -> OpenRequest:
+    value = _decode_json(payload, "OPEN")
+    host = value.get("host")
+    port = value.get("port")
+    kind = value.get("kind", "tcp")
+    meta = value.get("meta", {})
+    if not isinstance(host, str) or not host or len(host) > 255:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN without a valid host")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN without a valid port")
+    if not isinstance(kind, str) or not isinstance(meta, dict):
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN with a bad kind or meta")
+    return OpenRequest(host=host, port=port, kind=kind, meta=meta)
+
+
+class Session:
+    """One end of a tunnel connection.
+
+    :param role: :attr:`Role.DIALER` for the connector (odd stream IDs, sends the preface first),
+        :attr:`Role.LISTENER` for the proxy (even stream IDs, expects the preface).
+    :param settings: what this side accepts; announced in its HELLO.
+    """
+
+    def __init__(self, role: Role, settings: Settings | None = None) -> None:
+        self.role = role
+        self.settings = settings or Settings()
+        self.peer_settings = Settings()
+        self.version: int | None = None
+        self.peer_hello: dict[str, Any] | None = None
+        self._decoder = f.FrameDecoder(self.settings.max_frame)
+        self._need_preface = role is Role.LISTENER
+        self._preface_buffer = b""
+        self._hello_sent = False
+        self._streams: dict[int, _Stream] = {}
+        self._orphan_unacked: dict[int, int] = {}
+        self._next_id = 1 if role is Role.DIALER else 2
+        self._highest_peer_id = 0
+        self._peer_opened = 0
+        self._conn_send_window = self.peer_settings.connection_window
+        self._conn_recv_window = self.settings.connection_window
+        self._conn_pending_credit = 0
+        self._control: list[bytes] = []
+        self._control_bytes = 0
+        self._data: list[bytes] = []
+        self._data_bytes = 0
+        self.local_goaway = False
+        self.remote_goaway = False
+        self.terminated = False
+
+    # ---------------------------------------------------------------- state queries
+
+    @property
+    def ready(self) -> bool:
+        """True once both HELLOs have been exchanged: streams may be opened."""
+        return self._hello_sent and self.peer_hello is not None
+
+    @property
+    def open_streams(self) -> int:
+        """How many streams are open (in either direction)."""
+        return len(self._streams)
+
+    def can_open(self) -> bool:
+        """True if :meth:`open_stream` would succeed now."""
+        return (
+            self.ready
+            and not self.remote_goaway
+            and not self.local_goaway
+            and not self.terminated
+            and len(self._streams) - self._peer_opened < self.peer_settings.max_streams
+        )
+
+    def send_window(self, stream_id: int) -> int:
+        """How many DATA bytes :meth:`send_data` would take for ``stream_id`` now (0 for unknown streams)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_fin:
+            return 0
+        return min(stream.send_window, self._conn_send_window)
+
+    def has_stream(self, stream_id: int) -> bool:
+        """True while the stream exists (not reset, not closed in both directions)."""
+        return stream_id in self._streams
+
+    @property
+    def buffered_output(self) -> int:
+        """Bytes queued by the session and not yet taken with :meth:`take_output`."""
+        return self._control_bytes + self._data_bytes
+
+    # ---------------------------------------------------------------- output
+
+    def _queue_control(self, data: bytes) -> None:
+        self._control.append(data)
+        self._control_bytes += len(data)
+
+    def take_output(self, include_data: bool = True) -> list[bytes]:
+        """Return the chunks to write, control frames first, and forget them.
+
+        With ``include_data=False`` only control frames are returned and DATA stays queued (the transport is
+        congested: keepalives and credit must still get through).
+        """
+        out = self._control
+        self._control = []
+        self._control_bytes = 0
+        if include_data and self._data:
+            out.extend(self._data)
+            self._data = []
+            self._data_bytes = 0
+        return out
+
+    # ---------------------------------------------------------------- handshake
+
+    def send_hello(self, fields: Mapping[str, Any] | None = None) -> None:
+        """Queue this side's HELLO (the dialer also queues the preface first).
+
+        The dialer calls it at once; the listener calls it after :class:`HelloReceived`, having checked the peer's
+        identity. ``fields`` are added to the HELLO (connector id, tenant, location, replica id ...).
+
+        :raises StreamStateError: if a HELLO was sent already.
+        """
+        if self._hello_sent:
+            raise StreamStateError("HELLO already sent")
+        body: dict[str, Any] = dict(fields or {})
+        body["settings"] = self.settings.to_json()
+        if self.role is Role.DIALER:
+            body["versions"] = list(SUPPORTED_VERSIONS)
+            self._queue_control(f.PREFACE)
+        else:
+            body["version"] = self.version
+        payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        self._queue_control(f.frame(f.FrameType.HELLO, 0, 0, payload))
+        self._hello_sent = True
+
+    # ---------------------------------------------------------------- commands
+
+    def open_stream(self, request: OpenRequest) -> int:
+        """Open a stream towards the peer and return its ID. DATA may follow at once (early data).
+
+        :raises StreamStateError: if the handshake is not done, a GOAWAY was sent or received, or the peer's
+            ``max_streams`` is reached (check :meth:`can_open` first).
+        """
+        if not self.can_open():
+            raise StreamStateError("cannot open a stream now")
+        stream_id = self._next_id
+        self._next_id += 2
+        body: dict[str, Any] = {"host": request.host, "port": request.port, "kind": request.kind}
+        if request.meta:
+            body["meta"] = request.meta
+        payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        self._streams[stream_id] = _Stream(self.peer_settings.stream_window, self.settings.stream_window, False)
+        self._queue_control(f.frame(f.FrameType.OPEN, 0, stream_id, payload))
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Accept a stream the peer opened (:class:`StreamOpened`).
+
+        :raises StreamStateError: for an unknown stream or one already accepted.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.accepted:
+            raise StreamStateError(f"stream {stream_id} cannot be accepted")
+        stream.accepted = True
+        self._queue_control(f.frame(f.FrameType.ACCEPT, 0, stream_id))
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> int:
+        """Queue as much of ``data`` as the windows allow, cut into frames; return how many bytes were taken.
+
+        With ``end_stream`` the FIN flag goes on the last frame if all of ``data`` was taken (nothing is sent
+        otherwise beyond the taken bytes: call again with the rest once :class:`WindowUpdated` arrives).
+
+        :raises StreamStateError: for an unknown stream or one whose sending side is already closed.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_fin:
+            raise StreamStateError(f"stream {stream_id} is not open for sending")
+        total = len(data)
+        allowed = min(total, stream.send_window, self._conn_send_window)
+        max_frame = self.peer_settings.max_frame
+        out = self._data
+        if allowed:
+            stream.send_window -= allowed
+            self._conn_send_window -= allowed
+            self._data_bytes += allowed
+            if allowed <= max_frame:
+                fin = f.FLAG_FIN if end_stream and allowed == total else 0
+                out.append(_pack_header(_FV, _DATA, fin, stream_id, allowed))
+                out.append(data if allowed == total else data[:allowed])
+            else:
+                view = memoryview(data)
+                for start in range(0, allowed, max_frame):
+                    chunk = view[start : min(start + max_frame, allowed)]
+                    last = start + max_frame >= allowed
+                    fin = f.FLAG_FIN if end_stream and last and allowed == total else 0
+                    out.append(_pack_header(_FV, _DATA, fin, stream_id, len(chunk)))
+                    out.append(bytes(chunk))
+            if end_stream and allowed == total:
+                self._local_fin(stream_id, stream)
+        elif end_stream and total == 0:
+            self.end_stream(stream_id)
+        return allowed
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction of the stream (an empty DATA frame with FIN).
+
+        :raises StreamStateError: for an unknown stream or one already half-closed by us.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_fin:
+            raise StreamStateError(f"stream {stream_id} is not open for sending")
+        self._data.append(_pack_header(_FV, _DATA, f.FLAG_FIN, stream_id, 0))
+        self._local_fin(stream_id, stream)
+
+    def _local_fin(self, stream_id: int, stream: _Stream) -> None:
+        stream.local_fin = True
+        if stream.remote_fin:
+            self._forget(stream_id, stream)
+
+    def reset_stream(self, stream_id: int, code: ErrorCode, reason: str = "", *, after_data: bool = False) -> None:
+        """Abort the stream with ``code``; unknown or already closed streams are ignored.
+
+        A RESET normally jumps ahead of queued DATA (control priority). With ``after_data`` it is queued behind
+        this session's DATA instead, so that the peer first receives everything sent so far (a graceful close
+        of a stream whose peer is still sending).
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        encoded = f.frame(f.FrameType.RESET, 0, stream_id, f.U32.pack(code) + f.encode_reason(reason))
+        if after_data and self._data:
+            self._data.append(encoded)
+            self._data_bytes += len(encoded)
+        else:
+            self._queue_control(encoded)
+        self._forget(stream_id, stream)
+
+    def acknowledge(self, stream_id: int, count: int) -> None:
+        """The application has passed on ``count`` received bytes of the stream: return their credit.
+
+        Updates are batched: a WINDOW_UPDATE is queued once half a window of credit is pending. Bytes of streams
+        that are gone still return session credit.
+        """
+        if count <= 0:
+            return
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.unacked -= count
+            if not stream.remote_fin:
+                stream.pending_credit += count
+                if stream.pending_credit >= self.settings.stream_window >> 1:
+                    stream.recv_window += stream.pending_credit
+                    self._queue_control(
+                        f.frame(f.FrameType.WINDOW_UPDATE, 0, stream_id, f.U32.pack(stream.pending_credit))
+                    )
+                    stream.pending_credit = 0
+        elif stream_id in self._orphan_unacked:
+            left = self._orphan_unacked[stream_id] - count
+            if left > 0:
+                self._orphan_unacked[stream_id] = left
+            else:
+                del self._orphan_unacked[stream_id]
+        else:
+            return
+        self._credit_connection(count)
+
+    def _credit_connection(self, count: int) -> None:
+        self._conn_pending_credit += count
+        if self._conn_pending_credit >= self.settings.connection_window >> 2:
+            self._conn_recv_window += self._conn_pending_credit
+            self._queue_control(
+                f.frame(f.FrameType.WINDOW_UPDATE, 0, 0, f.U32.pack(self._conn_pending_credit))
+            )
+            self._conn_pending_credit = 0
+
+    def ping(self, payload: bytes) -> None:
+        """Queue a PING with an 8-byte payload; the echo arrives as :class:`PingAcknowledged`."""
+        if len(payload) != 8:
+            raise ValueError("PING payload must be 8 bytes")
+        self._queue_control(f.frame(f.FrameType.PING, 0, 0, payload))
+
+    def go_away(self, code: ErrorCode, reason: str = "") -> None:
+        """Queue GOAWAY: the peer must open no new streams; ours continue. Only the first call sends."""
+        if self.local_goaway:
+            return
+        self.local_goaway = True
+        payload = f.GOAWAY_HEAD.pack(self._highest_peer_id, code) + f.encode_reason(reason)
+        self._queue_control(f.frame(f.FrameType.GOAWAY, 0, 0, payload))
+        if code not in _DRAIN_CODES:
+            self.terminated = True
+
+    def _forget(self, stream_id: int, stream: _Stream) -> None:
+        del self._streams[stream_id]
+        if stream_id & 1 != self._next_id & 1:
+            self._peer_opened -= 1
+        if stream.unacked > 0:
+            self._orphan_unacked[stream_id] = stream.unacked
+
+    def stream_ids(self) -> list[int]:
+        """The IDs of all open streams."""
+        return list(self._streams)
+
+    # ---------------------------------------------------------------- input
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Process received bytes and return the events they cause, in order.
+
+        :raises ProtocolError: the peer broke the protocol; send :meth:`go_away` with ``error.code``, write the
+            output and close the connection. The session is unusable afterwards.
+        """
+        if self.terminated:
+            return []
+        if self._need_preface:
+            buffered = self._preface_buffer + data
+            if len(buffered) < len(f.PREFACE):
+                if not f.PREFACE.startswith(buffered):
+                    raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "bad connection preface")
+                self._preface_buffer = buffered
+                return []
+            if not buffered.startswith(f.PREFACE):
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "bad connection preface")
+            self._need_preface = False
+            self._preface_buffer = b""
+            data = buffered[len(f.PREFACE) :]
+        events: list[Event] = []
+        for raw in self._decoder.feed(data):
+            self._handle(raw, events)
+        if self._control_bytes > MAX_CONTROL_BACKLOG:
+            raise ProtocolError(ErrorCode.INTERNAL_ERROR, "control frame backlog exceeded (peer not reading)")
+        return events
+
+    def _handle(self, raw: f.RawFrame, events: list[Event]) -> None:
+        frame_type = raw.frame_type
+        if frame_type == _DATA:
+            self._on_data(raw, events)
+            return
+        if self.peer_hello is None and frame_type not in (
+            f.FrameType.HELLO,
+            f.FrameType.PING,
+            f.FrameType.GOAWAY,
+        ):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"frame type {frame_type} before HELLO")
+        if frame_type == f.FrameType.WINDOW_UPDATE:
+            self._on_window_update(raw, events)
+        elif frame_type == f.FrameType.OPEN:
+            self._on_open(raw, events)
+        elif frame_type == f.FrameType.ACCEPT:
+            self._on_accept(raw, events)
+        elif frame_type == f.FrameType.RESET:
+            self._on_reset(raw, events)
+        elif frame_type == f.FrameType.PING:
+            self._on_ping(raw, events)
+        elif frame_type == f.FrameType.GOAWAY:
+            self._on_goaway(raw, events)
+        elif frame_type == f.FrameType.HELLO:
+            self._on_hello(raw, events)
+        # Unknown frame types are ignored (spec section 2).
+
+    def _require_stream_frame(self, raw: f.RawFrame) -> None:
+        if raw.stream_id == 0:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"frame type {raw.frame_type} on stream 0")
+
+    def _is_known_id(self, stream_id: int) -> bool:
+        """True if the ID was used already (by us or the peer), so frames for it may be stale."""
+        if stream_id & 1 == self._next_id & 1:
+            return stream_id < self._next_id
+        return stream_id <= self._highest_peer_id
+
+    def _on_data(self, raw: f.RawFrame, events: list[Event]) -> None:
+        if self.peer_hello is None:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA before HELLO")
+        self._require_stream_frame(raw)
+        length = len(raw.payload)
+        if length > self._conn_recv_window:
+            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "session receive window exceeded")
+        self._conn_recv_window -= length
+        stream_id = raw.stream_id
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if not self._is_known_id(stream_id):
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"DATA on stream {stream_id} never opened")
+            self._credit_connection(length)  # stale frame of a closed stream
+            return
+        if stream.remote_fin:
+            self._credit_connection(length)
+            self.reset_stream(stream_id, ErrorCode.STREAM_CLOSED, "DATA after FIN")
+            events.append(StreamReset(stream_id, ErrorCode.STREAM_CLOSED, "DATA after FIN", remote=False))
+            return
+        if length > stream.recv_window:
+            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id} receive window exceeded")
+        if length:
+            stream.recv_window -= length
+            stream.unacked += length
+            events.append(DataReceived(stream_id, raw.payload))
+        if raw.flags & f.FLAG_FIN:
+            stream.remote_fin = True
+            events.append(StreamEnded(stream_id))
+            if stream.local_fin:
+                self._forget(stream_id, stream)
+
+    def _on_window_update(self, raw: f.RawFrame, events: list[Event]) -> None:
+        if len(raw.payload) != 4:
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE payload is not 4 bytes")
+        (increment,) = f.U32.unpack(raw.payload)
+        if not 1 <= increment <= f.MAX_WINDOW:
+            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "WINDOW_UPDATE increment out of range")
+        stream_id = raw.stream_id
+        if stream_id == 0:
+            self._conn_send_window += increment
+            if self._conn_send_window > f.MAX_WINDOW:
+                raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "session send window overflow")
+            events.append(WindowUpdated(0))
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if not self._is_known_id(stream_id):
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"WINDOW_UPDATE on stream {stream_id} never opened")
+            return
+        stream.send_window += increment
+        if stream.send_window > f.MAX_WINDOW:
+            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id} send window overflow")
+        events.append(WindowUpdated(stream_id))
+
+    def _on_open(self, raw: f.RawFrame, events: list[Event]) -> None:
+        self._require_stream_frame(raw)
+        stream_id = raw.stream_id
+        if stream_id & 1 == self._next_id & 1 or stream_id <= self._highest_peer_id:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"OPEN with invalid stream ID {stream_id}")
+        self._highest_peer_id = stream_id
+        try:
+            request = _parse_open(raw.payload)
+        except ProtocolError as e:
+            self._queue_control(
+                f.frame(f.FrameType.RESET, 0, stream_id, f.U32.pack(e.code) + f.encode_reason(str(e)))
+            )
+            return
+        if self.local_goaway or self._peer_opened >= self.settings.max_streams:
+            reason = "draining" if self.local_goaway else "too many streams"
+            self._queue_control(
+                f.frame(
+                    f.FrameType.RESET, 0, stream_id, f.U32.pack(ErrorCode.REFUSED_STREAM) + f.encode_reason(reason)
+                )
+            )
+            return
+        self._streams[stream_id] = _Stream(self.peer_settings.stream_window, self.settings.stream_window, False)
+        self._peer_opened += 1
+        events.append(StreamOpened(stream_id, request))
+
+    def _on_accept(self, raw: f.RawFrame, events: list[Event]) -> None:
+        self._require_stream_frame(raw)
+        stream = self._streams.get(raw.stream_id)
+        if stream is None:
+            if not self._is_known_id(raw.stream_id):
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"ACCEPT on stream {raw.stream_id} never opened")
+            return
+        if raw.stream_id & 1 != self._next_id & 1:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"ACCEPT on stream {raw.stream_id} opened by the peer")
+        if stream.accepted:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"ACCEPT on stream {raw.stream_id} already accepted")
+        stream.accepted = True
+        events.append(StreamAccepted(raw.stream_id))
+
+    def _on_reset(self, raw: f.RawFrame, events: list[Event]) -> None:
+        self._require_stream_frame(raw)
+        if len(raw.payload) < 4:
+            raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "RESET payload shorter than 4 bytes")
+        (code,) = f.U32.unpack_from(raw.payload)
+        stream = self._streams.get(raw.stream_id)
+        if stream is None:
+            if not self._is_known_id(raw.stream_id):
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"RESET on stream {raw.stream_id} never opened")
+            return
+        self._forget(raw.stream_id, stream)
+        events.append(StreamReset(raw.stream_id, ErrorCode.from_wire(code), f.decode_reason(raw.payload[4:])))
+
+    def _on_ping(self, raw: f.RawFrame, events: list[Event]) -> None:
+        if raw.stream_id != 0 or len(raw.payload) != 8:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "PING must be 8 bytes on stream 0")
+        if raw.flags & f.FLAG_ACK:
+            events.append(PingAcknowledged(raw.payload))
+        else:
+            self._queue_control(f.frame(f.FrameType.PING, f.FLAG_ACK, 0, raw.payload))
+
+    def _on_goaway(self, raw: f.RawFrame, events: list[Event]) -> None:
+        if raw.stream_id != 0 or len(raw.payload) < 8:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY must be at least 8 bytes on stream 0")
+        last, code = f.GOAWAY_HEAD.unpack_from(raw.payload)
+        self.remote_goaway = True
+        events.append(GoAwayReceived(last, ErrorCode.from_wire(code), f.decode_reason(raw.payload[8:])))
+
+    def _on_hello(self, raw: f.RawFrame, events: list[Event]) -> None:
+        if raw.stream_id != 0:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO on a stream")
+        if self.peer_hello is not None:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "second HELLO")
+        if self.role is Role.DIALER and not self._hello_sent:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO before ours")
+        hello = _decode_json(raw.payload, "HELLO")
+        if self.role is Role.LISTENER:
+            offered = hello.get("versions")
+            if not isinstance(offered, list):
+                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO without versions")
+            common = [v for v in SUPPORTED_VERSIONS if v in offered]
+            if not common:
+                raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"no common version in {offered!r:.100}")
+            version = max(common)
+        else:
+            version = hello.get("version")  # type: ignore[assignment]
+            if version not in SUPPORTED_VERSIONS:
+                raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"peer chose unsupported version {version!r:.20}")
+        peer = Settings.from_json(hello.get("settings"))
+        self.version = version
+        self.peer_hello = hello
+        self.peer_settings = peer
+        self._conn_send_window = peer.connection_window
+        events.append(HelloReceived(hello, version))

@@ -1,0 +1,1 @@
+"""Integration tests run on the real reactor through pytest-twisted."""
