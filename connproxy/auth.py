@@ -36,12 +36,13 @@ import base64
 import binascii
 import ipaddress
 import json
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, TypeGuard, get_args
+from typing import Any, Final, Literal, NoReturn, TypeGuard, get_args
 from urllib.parse import urlsplit
 
 import jwt
@@ -307,7 +308,8 @@ def _for_log(value: object, limit: int = 128) -> object:
 
 
 def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Whether ``value`` is a finite JSON number (not a bool, not NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -772,7 +774,11 @@ class KeyStore:
         self._log.info("fetching token keys from {url}", url=remote.url)
         assert self._fetch is not None
         d = maybeDeferred(self._fetch, remote.url)
-        d.addTimeout(self._fetch_timeout, self._reactor)
+
+        def timed_out(result: object, timeout: float) -> NoReturn:
+            raise JwksFetchError(f"no JWKS within the timeout of {timeout} seconds")
+
+        d.addTimeout(self._fetch_timeout, self._reactor, onTimeoutCancel=timed_out)
 
         def fetched(body: bytes) -> None:
             if len(body) > self._max_jwks_bytes:
@@ -880,12 +886,12 @@ class TokenVerifier:
         if len(token) > self._max_token_bytes:
             raise AuthError("too_large")
         header, _ = _split_token(token, "proxy_token")
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
-            raise AuthError("algorithm_not_allowed")
         kid, jku = header.get("kid"), header.get("jku")
         if not isinstance(kid, (str, type(None))) or not isinstance(jku, (str, type(None))):
             raise AuthError("malformed")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
+            raise AuthError("algorithm_not_allowed")
 
         key = await self._key_store.get_key(kid=kid, jku=jku, alg=alg)
         try:

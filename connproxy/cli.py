@@ -20,7 +20,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO, cast
+from typing import cast
 
 from connproxy import __version__
 
@@ -42,8 +42,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fail(command: str, message: str, stream: TextIO | None = None) -> int:
-    print(f"connproxy {command}: {message}", file=stream or sys.stderr)
+def _fail(command: str, message: str) -> int:
+    print(f"connproxy {command}: {message}", file=sys.stderr)
     return EXIT_ERROR
 
 

@@ -17,6 +17,12 @@ Conventions:
 * File paths in a file loaded with :func:`load_proxy_config`/:func:`load_connector_config` are resolved
   relative to the directory of that file; the ``*_from_mapping`` functions take an optional ``base_dir``
   and otherwise keep them as written.
+* Keys connproxy adds to SAP's set: ``servers.businessDataTunnel.bindAddress``,
+  ``servers.proxy.http.{allowConnect,maxLineBytes,maxHeaderBytes}``,
+  ``servers.proxy.authorization.oauth.{tokenKeysFile,tokenKeysUrl,uaaDomain,leewaySeconds}``,
+  ``servers.proxy.clientConnection.{idleTimeoutSeconds,handshakeTimeoutSeconds}``,
+  ``metrics.prometheus.bindAddress`` and the ``tunnel`` block. SAP keys connproxy does not implement
+  (``subaccountSubdomain``, ``rfcAndLdap``, ...) are refused like any unknown key, with a note saying so.
 * Constructing the dataclasses directly (or with :func:`dataclasses.replace`) does not validate; call
   :func:`check_proxy_config`/:func:`check_connector_config` for the cross-field rules.
 """
@@ -109,6 +115,11 @@ _SAP_ONLY_KEYS: Final[Mapping[str, frozenset[str]]] = {
     "servers.proxy.clientConnection": frozenset({"writeTimeoutSeconds"}),
     "metrics.prometheus": frozenset({"jvmMetrics", "jmxMetrics"}),
 }
+#: Keys that belong to the other configuration's equivalent block, with the name used here.
+_OTHER_NAMES: Final[Mapping[tuple[str, str], str]] = {
+    ("tls", "clientCaFile"): "caFile",
+    ("servers.businessDataTunnel.tls", "caFile"): "clientCaFile",
+}
 
 
 class ConfigError(Exception):
@@ -160,7 +171,10 @@ class TunnelTuning:
 
 @dataclass(frozen=True)
 class TunnelListenerConfig:
-    """``servers.businessDataTunnel``: the TLS listener connectors dial."""
+    """``servers.businessDataTunnel``: the TLS listener connectors dial.
+
+    ``external_port`` (what connectors are told to dial) defaults to ``port``, or 8042 when ``port`` is 0.
+    """
 
     port: int = DEFAULT_TUNNEL_PORT
     bind_address: str = "0.0.0.0"
@@ -564,6 +578,8 @@ class _Section:
 def _hint(path: str, key: str, keys: Sequence[str]) -> str:
     if key in _SAP_ONLY_KEYS.get(path, frozenset()):
         return " (a SAP Connectivity proxy setting that connproxy does not support)"
+    if (path, key) in _OTHER_NAMES:
+        return f" (did you mean {_OTHER_NAMES[path, key]!r}?)"
     close = difflib.get_close_matches(key, keys, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -679,7 +695,9 @@ def _bind_address(section: _Section, key: str, default: str) -> str:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise section.fail(key, f"expected an IP address such as 0.0.0.0, :: or 127.0.0.1, got {_show(value)}") from None
+        raise section.fail(
+            key, f"expected an IP address such as 0.0.0.0, :: or 127.0.0.1, got {_show(value)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------------

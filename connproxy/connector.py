@@ -346,9 +346,9 @@ class ConnectorService(Service):
             if tunnel.lost:
                 return
             if not tunnel.streams or self.clock.seconds() >= deadline:
-                assert tunnel.transport is not None
-                tunnel.transport.loseConnection()
-                self.clock.callLater(2.0, tunnel._abort)
+                tunnel.close_transport()
+                abort = self.clock.callLater(2.0, tunnel._abort)
+                tunnel.closed.addBoth(lambda r: (abort.active() and abort.cancel(), r)[1])
             else:
                 self.clock.callLater(0.1, close_when_idle)
 

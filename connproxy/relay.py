@@ -90,6 +90,9 @@ class Relay(Protocol):
         transport = self.transport
         if transport is None or self._lost:
             return
+        # Nothing will come from the peer any more: a still-registered (paused) producer would make Twisted's
+        # transport resume it instead of shutting down once its buffer is flushed.
+        _unregister(transport)
         lose_write = getattr(transport, "loseWriteConnection", None)
         if lose_write is None:
             # TLS in Twisted cannot half-close: keep the connection until the other direction ends too.
@@ -105,6 +108,7 @@ class Relay(Protocol):
 
     def _maybe_close(self) -> None:
         if self._read_done and self._write_done and self.transport is not None and not self._lost:
+            _unregister(self.transport)
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
@@ -114,6 +118,7 @@ class Relay(Protocol):
         peer = self.peer
         if peer is None or peer._lost or peer.transport is None:
             return
+        _unregister(peer.transport)
         if reason.check(ConnectionDone):
             peer.transport.loseConnection()
         else:
@@ -125,6 +130,12 @@ class Relay(Protocol):
 
     def peer_lost_before_wiring(self, reason: Failure) -> None:
         """Hook for subclasses: the peer connection went away before the relay was wired."""
+
+
+def _unregister(transport: Any) -> None:
+    unregister = getattr(transport, "unregisterProducer", None)
+    if unregister is not None and getattr(transport, "producer", True) is not None:
+        unregister()
 
 
 def link(a: Relay, b: Relay) -> None:

@@ -205,6 +205,8 @@ class SocksClient(Protocol):
         self.reply: int | None = None
         self.auth_status: int | None = None
         self.lost_reason: Failure | None = None
+        self._read_closed = False
+        self._write_closed = False
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -275,11 +277,16 @@ class SocksClient(Protocol):
                 self.keep = None
 
     def readConnectionLost(self) -> None:
+        self._read_closed = True
         if not self.eof.called:
             self.eof.callback(None)
+        if self._write_closed and self.transport is not None:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        pass
+        self._write_closed = True
+        if self._read_closed and self.transport is not None:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost_reason = reason

@@ -125,13 +125,26 @@ class TunnelConnection(Protocol):
     def tunnel_lost(self, reason: Failure | None) -> None:
         """Hook: the connection is gone (deregister, schedule a reconnect ...)."""
 
+    def close_transport(self) -> None:
+        """Close the transport after its buffer is flushed.
+
+        Our producer registration is dropped first: Twisted's TLS transport does not start its shutdown while a
+        producer is registered.
+        """
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        if getattr(transport, "producer", self) is not None:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+        transport.loseConnection()
+
     def fail(self, code: ErrorCode, reason: str) -> None:
         """End the tunnel: GOAWAY ``code``, then close (abort if the peer does not read within 5 s)."""
         if self.lost or self.transport is None:
             return
         self.session.go_away(code, reason)
         self._flush(force=True)
-        self.transport.loseConnection()
+        self.close_transport()
         if self._abort_timer is None:
             self._abort_timer = self.clock.callLater(5.0, self._abort)
 

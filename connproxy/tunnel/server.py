@@ -81,7 +81,7 @@ class ProxyTunnel(TunnelConnection):
     def streams_changed(self) -> None:
         """Close a draining tunnel once it carries no stream."""
         if self.drain_requested and not self.streams and not self.lost and self.transport is not None:
-            self.transport.loseConnection()
+            self.close_transport()
 
     # ------------------------------------------------------------------ sniffing
 
@@ -130,7 +130,7 @@ class ProxyTunnel(TunnelConnection):
                     self._health_reply(404, b"not found\n")
                 return
             if isinstance(event, h11.ConnectionClosed):
-                self.transport.loseConnection()
+                self.close_transport()
                 return
 
     def _health_reply(self, status: int, body: bytes, head: bool = False, location: bytes | None = None) -> None:
@@ -151,7 +151,7 @@ class ProxyTunnel(TunnelConnection):
         except h11.LocalProtocolError:
             out = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         self.transport.write(out)
-        self.transport.loseConnection()
+        self.close_transport()
         self.handshake_done()
 
     # ------------------------------------------------------------------ tunnel handshake

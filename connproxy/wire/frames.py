@@ -67,7 +67,9 @@ def frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> 
 
 def encode_reason(reason: str) -> bytes:
     """UTF-8 encode a RESET/GOAWAY reason, cut to :data:`MAX_REASON_BYTES` on a character boundary."""
-    raw = reason.encode("utf-8")
+    # "replace": a reason often quotes peer-supplied text (an OPEN host is JSON and may hold a lone surrogate
+    # such as "\ud800"); a strict encode would raise UnicodeEncodeError in reset_stream()/go_away().
+    raw = reason.encode("utf-8", "replace")
     if len(raw) > MAX_REASON_BYTES:
         raw = raw[:MAX_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
     return raw

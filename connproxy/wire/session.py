@@ -118,7 +118,9 @@ class _Stream:
 def _decode_json(payload: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(payload.decode("utf-8")) if payload else {}
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: json.loads gives up on deeply nested arrays/objects ("[[[[..."); a peer must only
+        # ever be able to cause a ProtocolError (for OPEN: a stream reset), never another exception.
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{what} payload is not UTF-8 JSON") from None
     if not isinstance(value, dict):
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"{what} payload is not a JSON object")
@@ -282,7 +284,9 @@ class Session:
         :raises StreamStateError: for an unknown stream or one already accepted.
         """
         stream = self._streams.get(stream_id)
-        if stream is None or stream.accepted:
+        # Only streams the peer opened can be accepted: for one we opened, the ACCEPT would be a protocol error
+        # at the peer (it checks the ID's parity).
+        if stream is None or stream.accepted or stream_id & 1 == self._next_id & 1:
             raise StreamStateError(f"stream {stream_id} cannot be accepted")
         stream.accepted = True
         self._queue_control(f.frame(f.FrameType.ACCEPT, 0, stream_id))
@@ -305,7 +309,9 @@ class Session:
         if allowed:
             stream.send_window -= allowed
             self._conn_send_window -= allowed
-            self._data_bytes += allowed
+            # buffered_output counts what take_output() returns: payload plus one header per frame
+            # (headers used to be left out, and end_stream()'s FIN frame entirely).
+            self._data_bytes += allowed + f.HEADER_SIZE * -(-allowed // max_frame)
             if allowed <= max_frame:
                 fin = f.FLAG_FIN if end_stream and allowed == total else 0
                 out.append(_pack_header(_FV, _DATA, fin, stream_id, allowed))
@@ -333,6 +339,7 @@ class Session:
         if stream is None or stream.local_fin:
             raise StreamStateError(f"stream {stream_id} is not open for sending")
         self._data.append(_pack_header(_FV, _DATA, f.FLAG_FIN, stream_id, 0))
+        self._data_bytes += f.HEADER_SIZE  # see send_data
         self._local_fin(stream_id, stream)
 
     def _local_fin(self, stream_id: int, stream: _Stream) -> None:
@@ -368,6 +375,12 @@ class Session:
             return
         stream = self._streams.get(stream_id)
         if stream is not None:
+            # Credit at most what was received and not yet acknowledged: an over-acknowledgement (a glue bug, or
+            # one ack both per chunk and per stream) would hand the peer credit beyond our windows, breaking the
+            # memory bound and, repeated, overflowing the peer's window (FLOW_CONTROL_ERROR).
+            count = min(count, stream.unacked)
+            if count <= 0:
+                return
             stream.unacked -= count
             if not stream.remote_fin:
                 stream.pending_credit += count
@@ -378,7 +391,9 @@ class Session:
                     )
                     stream.pending_credit = 0
         elif stream_id in self._orphan_unacked:
-            left = self._orphan_unacked[stream_id] - count
+            outstanding = self._orphan_unacked[stream_id]
+            count = min(count, outstanding)  # as above: session credit for these bytes is returned exactly once
+            left = outstanding - count
             if left > 0:
                 self._orphan_unacked[stream_id] = left
             else:
@@ -389,7 +404,16 @@ class Session:
 
     def _credit_connection(self, count: int) -> None:
         self._conn_pending_credit += count
-        if self._conn_pending_credit >= self.settings.connection_window >> 2:
+        # Batch at a quarter of the session window, but also flush as soon as the peer has less session credit
+        # left than we hold back. Otherwise streams whose readers are stalled, holding most of the session window,
+        # keep the pending credit below the threshold for good and every other stream starves: head-of-line
+        # blocking whenever connection_window < 4/3 * stream_window, although spec 3.4 promises the others
+        # keep flowing as long as the session window exceeds the stream window.
+        # (The "0 <" guard: stale empty DATA credits 0 bytes, and an increment of 0 is a FLOW_CONTROL_ERROR.)
+        if 0 < self._conn_pending_credit and (
+            self._conn_pending_credit >= self.settings.connection_window >> 2
+            or self._conn_pending_credit >= self._conn_recv_window
+        ):
             self._conn_recv_window += self._conn_pending_credit
             self._queue_control(
                 f.frame(f.FrameType.WINDOW_UPDATE, 0, 0, f.U32.pack(self._conn_pending_credit))
@@ -497,6 +521,10 @@ class Session:
         if length > self._conn_recv_window:
             raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "session receive window exceeded")
         self._conn_recv_window -= length
+        if self._conn_pending_credit:
+            # The peer's session credit just shrank: release batched credit it may now need (see
+            # _credit_connection), else it can stay withheld while stalled streams hold the rest of the window.
+            self._credit_connection(0)
         stream_id = raw.stream_id
         stream = self._streams.get(stream_id)
         if stream is None:
@@ -629,7 +657,8 @@ class Session:
             version = max(common)
         else:
             version = hello.get("version")  # type: ignore[assignment]
-            if version not in SUPPORTED_VERSIONS:
+            # type() check: True == 1 and 1.0 == 1, so "version": true would otherwise pass and be stored.
+            if type(version) is not int or version not in SUPPORTED_VERSIONS:
                 raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"peer chose unsupported version {version!r:.20}")
         peer = Settings.from_json(hello.get("settings"))
         self.version = version

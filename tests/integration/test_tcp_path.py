@@ -32,3 +32,61 @@ def test_echo_round_trip(stack: Stack) -> Any:
     assert bytes(client.keep) == b"hello tunnel"
     client.transport.loseConnection()
     yield client.done
+
+
+MIB = 1024 * 1024
+SIZE = 64 * MIB
+
+
+@pytest_twisted.inlineCallbacks
+def test_64_mib_each_way_with_checksums(stack: Stack) -> Any:
+    backend = yield serve(Echo)
+    stack.ports.append(backend)
+    stack.start_proxy()
+    connector = stack.start_connector(access=[tcp_rule("echo.internal", 7, backend.getHost().port)])
+    yield connector.when_up()
+    client, reply = yield socks_connect(stack.socks_port, "echo.internal", 7)
+    assert reply == 0
+    client.keep = None
+    producer = PatternProducer(client.transport, SIZE, seed=7)
+    yield producer.done
+    yield client.eof  # the echo answered our FIN with FIN after echoing everything
+    assert client.received == SIZE
+    assert client.digest.hexdigest() == producer.digest.hexdigest()
+    yield client.done
+
+
+@pytest_twisted.inlineCallbacks
+def test_half_close_client_still_receives_whole_answer(stack: Stack) -> Any:
+    """The client shuts its write side after the request; the backend's answer still arrives in full."""
+    backend = yield serve(Echo)
+    stack.ports.append(backend)
+    stack.start_proxy()
+    connector = stack.start_connector(access=[tcp_rule("echo.internal", 7, backend.getHost().port)])
+    yield connector.when_up()
+    client, reply = yield socks_connect(stack.socks_port, "echo.internal", 7)
+    assert reply == 0
+    payload = b"request-" * 100_000
+    client.transport.write(payload)
+    client.transport.loseWriteConnection()
+    yield client.eof
+    assert client.received == len(payload)
+    assert bytes(client.keep or b"") == payload
+    yield client.done
+
+
+@pytest_twisted.inlineCallbacks
+def test_server_speaks_first(stack: Stack) -> Any:
+    from tests.harness import Banner
+
+    backend = yield serve(Banner)
+    stack.ports.append(backend)
+    stack.start_proxy()
+    connector = stack.start_connector(access=[tcp_rule("smtp.internal", 25, backend.getHost().port)])
+    yield connector.when_up()
+    client, reply = yield socks_connect(stack.socks_port, "smtp.internal", 25)
+    assert reply == 0
+    yield wait_for(lambda: client.received >= 11)
+    assert bytes(client.keep or b"") == b"220 hello\r\n"
+    client.transport.loseConnection()
+    yield client.done

@@ -98,7 +98,7 @@ def jwk_of(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str, **extr
     return data
 
 
-def jwks_bytes(*jwks: Mapping[str, Any]) -> bytes:
+def jwks_bytes(*jwks: object) -> bytes:
     return json.dumps({"keys": list(jwks)}).encode()
 
 
@@ -414,7 +414,7 @@ def test_custom_leeway(clock: Clock, keys_file: Path, rsa_key: rsa.RSAPrivateKey
     assert refusal(verifier.verify(sign(rsa_key, claims_for(exp=int(NOW) - 1)))).reason == "expired"
 
 
-@pytest.mark.parametrize("bad", ["soon", True, None, [1]])
+@pytest.mark.parametrize("bad", ["soon", True, None, [1], float("nan"), float("inf")])
 def test_missing_or_non_numeric_exp(file_verifier: TokenVerifier, rsa_key: rsa.RSAPrivateKey, bad: Any) -> None:
     token = sign(rsa_key, claims_for(exp=bad))
     assert refusal(file_verifier.verify(token)).reason == "malformed"
@@ -983,10 +983,14 @@ def test_make_authorizer_with_key_file(clock: Clock, keys_file: Path, rsa_key: r
 def test_make_authorizer_shares_a_key_store(clock: Clock, rsa_key: rsa.RSAPrivateKey) -> None:
     fetcher = FakeFetcher({KEYS_URL: jwks_bytes(jwk_of(rsa_key, "k1"))})
     store = url_store(clock, fetcher)
-    common: dict[str, Any] = dict(
-        reactor=clock, tenant_mode="dedicated", subaccount_id=TENANT_A, authorization_enabled=True,
-        allowed_client_ids=[CLIENT], key_store=store,
-    )
+    common: dict[str, Any] = {
+        "reactor": clock,
+        "tenant_mode": "dedicated",
+        "subaccount_id": TENANT_A,
+        "authorization_enabled": True,
+        "allowed_client_ids": [CLIENT],
+        "key_store": store,
+    }
     http, socks = make_authorizer(**common), make_authorizer(**common)
     token = sign(rsa_key, claims_for())
     assert result_of(http.authorize(proxy_token=token)).verified

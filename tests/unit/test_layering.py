@@ -1,0 +1,130 @@
+"""Layering: ``connproxy.wire`` is the sans-IO core and imports only the standard library and itself.
+
+No Twisted, no zope, no other connproxy package: the core must stay usable (and testable) without a reactor.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WIRE = ROOT / "connproxy" / "wire"
+PACKAGE = "connproxy.wire"
+STDLIB = frozenset(sys.stdlib_module_names)
+
+
+def wire_modules() -> list[Path]:
+    modules = sorted(WIRE.rglob("*.py"))
+    assert WIRE / "session.py" in modules and WIRE / "frames.py" in modules
+    return modules
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def allowed(name: str) -> bool:
+    return name.split(".")[0] in STDLIB or name == PACKAGE or name.startswith(PACKAGE + ".")
+
+
+def resolve_relative(path: Path, level: int, module: str | None) -> str:
+    """The absolute name ``from <dots><module> import ...`` refers to inside ``path``."""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package.pop()
+    if level - 1 > len(package):
+        return "<beyond the top-level package>"
+    base = package[: len(package) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def imports_of(path: Path, source: str | None = None) -> list[tuple[int, str]]:
+    """(line, absolute module name) of every import in the file, including dynamic ones with a literal name.
+
+    ``source`` replaces the file's text (``path`` still places relative imports).
+    """
+    text = path.read_text(encoding="utf-8") if source is None else source
+    tree = ast.parse(text, filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                found.append((node.lineno, resolve_relative(path, node.level, node.module)))
+            else:
+                assert node.module is not None
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            if name in ("__import__", "import_module") and isinstance(node.args[0].value, str):
+                found.append((node.lineno, node.args[0].value))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("path", wire_modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_wire_imports_only_the_standard_library(path: Path) -> None:
+    bad = [f"{path.relative_to(ROOT)}:{line}: {name}" for line, name in imports_of(path) if not allowed(name)]
+    assert not bad, "connproxy.wire must import only the standard library and itself:\n" + "\n".join(bad)
+
+
+def test_the_checker_catches_forbidden_imports() -> None:
+    """Guard the guard: each forbidden import below must be reported, the allowed ones must not."""
+    source = (
+        "import twisted.internet\n"
+        "from zope.interface import implementer\n"
+        "from connproxy.tunnel import stream\n"
+        "from .. import auth\n"
+        "import importlib\n"
+        "importlib.import_module('yaml')\n"
+        "__import__('OpenSSL')\n"
+        "import json, struct\n"
+        "from . import frames\n"
+        "from .errors import ErrorCode\n"
+        "from connproxy.wire.errors import ProtocolError\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from twisted.python.failure import Failure\n"
+    )
+    names = [name for _, name in imports_of(WIRE / "probe.py", source)]
+    assert [n for n in names if not allowed(n)] == [
+        "twisted.internet",
+        "zope.interface",
+        "connproxy.tunnel",
+        "connproxy",
+        "yaml",
+        "OpenSSL",
+        "twisted.python.failure",
+    ]
+    assert {"connproxy.wire", "connproxy.wire.errors", "json", "struct", "importlib", "typing"} <= set(names)
+
+
+def test_importing_wire_loads_no_third_party_module() -> None:
+    """The same at run time, in a fresh interpreter: nothing outside the standard library gets imported."""
+    names = [module_name(p) for p in wire_modules()]
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        f"for name in {names!r}:\n"
+        "    __import__(name)\n"
+        "new = set(sys.modules) - before\n"
+        "bad = sorted(m for m in new if m.split('.')[0] not in sys.stdlib_module_names"
+        " and m != 'connproxy' and m != 'connproxy.wire' and not m.startswith('connproxy.wire.'))\n"
+        "print('\\n'.join(bad))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"third-party modules loaded by connproxy.wire:\n{result.stdout}"
