@@ -19,8 +19,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from connproxy import audit, tls
-from connproxy.auth import make_authorizer
-from connproxy.config import ConnectorConfig, ProxyConfig, TlsFiles
+from connproxy.auth import Authorizer, KeyStore, make_authorizer
+from connproxy.config import ConnectorConfig, FrontEndConfig, ProxyConfig, TlsFiles
 from connproxy.connector import ConnectorService, settings_from
 from connproxy.routing import Router
 from connproxy.socks import Socks5Factory
@@ -97,7 +97,14 @@ def _resolve_tls(files: TlsFiles, *, proxy: bool, subaccount: str | None = None)
 class ProxyService(MultiService):
     """The proxy: tunnel listener, SOCKS5 (and, later, HTTP) front ends, sharing one registry and router."""
 
-    def __init__(self, config: ProxyConfig, reactor: Any, audit_writer: audit.AuditWriter | None = None) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        reactor: Any,
+        audit_writer: audit.AuditWriter | None = None,
+        *,
+        allow_insecure_loopback: bool = False,
+    ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -116,21 +123,22 @@ class ProxyService(MultiService):
             self.tunnel_factory,
         )
         self.tunnel_listener.setServiceParent(self)
+        oauth = config.oauth
+        self.key_store: KeyStore | None = None
+        if config.authorization_enabled and oauth is not None:
+            # One key cache and one fetch rate limit for both front ends.
+            self.key_store = KeyStore(
+                reactor=reactor,
+                token_keys_file=oauth.token_keys_file,
+                token_keys_url=oauth.token_keys_url,
+                uaa_domain=oauth.uaa_domain,
+                allow_insecure_loopback=allow_insecure_loopback,
+            )
         self.socks_listener: ListenerService | None = None
+        self.http_listener: ListenerService | None = None
         if config.socks5.enabled:
             fe = config.socks5
-            oauth = config.oauth
-            authorizer = make_authorizer(
-                reactor=reactor,
-                tenant_mode=config.tenant_mode,
-                subaccount_id=config.subaccount_id,
-                authorization_enabled=fe.enable_proxy_authorization,
-                allowed_client_ids=oauth.allowed_client_ids if oauth else (),
-                token_keys_file=oauth.token_keys_file if oauth else None,
-                token_keys_url=oauth.token_keys_url if oauth else None,
-                uaa_domain=oauth.uaa_domain if oauth else None,
-                leeway_seconds=oauth.leeway_seconds if oauth else 30,
-            )
+            authorizer = self.authorizer_for(fe)
             factory = Socks5Factory(
                 self.router, authorizer, reactor,
                 authorization_enabled=fe.enable_proxy_authorization,
@@ -141,6 +149,20 @@ class ProxyService(MultiService):
                 "SOCKS5 proxy", TCP4ServerEndpoint(reactor, fe.port, interface=config.interface_for(fe)), factory
             )
             self.socks_listener.setServiceParent(self)
+
+    def authorizer_for(self, front_end: FrontEndConfig) -> Authorizer:
+        """The authorizer of one front end (both share :attr:`key_store`)."""
+        config = self.config
+        oauth = config.oauth
+        return make_authorizer(
+            reactor=self.reactor,
+            tenant_mode=config.tenant_mode,
+            subaccount_id=config.subaccount_id,
+            authorization_enabled=front_end.enable_proxy_authorization,
+            allowed_client_ids=oauth.allowed_client_ids if oauth else (),
+            leeway_seconds=oauth.leeway_seconds if oauth else 30,
+            key_store=self.key_store,
+        )
 
     def stopService(self) -> Deferred[Any]:
         """Stop listening, GOAWAY every connector tunnel, give streams up to 10 s, then close tunnels."""

@@ -86,11 +86,17 @@ class Stack:
     proxy: ProxyService | None = None
     connectors: list[ConnectorService] = field(default_factory=list)
     ports: list[IListeningPort] = field(default_factory=list)
+    audit: list[str] = field(default_factory=list)
 
     @property
     def socks_port(self) -> int:
         assert self.proxy is not None and self.proxy.socks_listener is not None
         return self.proxy.socks_listener.port_number
+
+    @property
+    def http_port(self) -> int:
+        assert self.proxy is not None and self.proxy.http_listener is not None
+        return self.proxy.http_listener.port_number
 
     @property
     def tunnel_port(self) -> int:
@@ -117,7 +123,8 @@ class Stack:
             "metrics": {"prometheus": {"enabled": False}},
         }
         _merge(data, overrides)
-        self.proxy = ProxyService(proxy_config_from_mapping(data), reactor, audit_writer=lambda line: None)
+        self.proxy = ProxyService(proxy_config_from_mapping(data, base_dir=self.tmp), reactor, audit_writer=self.audit.append,
+                                  allow_insecure_loopback=True)
         self.proxy.startService()
         return self.proxy
 
@@ -143,7 +150,7 @@ class Stack:
             "accessControl": access or [],
         }
         _merge(data, overrides)
-        service = make_connector_service(connector_config_from_mapping(data), reactor, audit_writer=lambda line: None)
+        service = make_connector_service(connector_config_from_mapping(data), reactor, audit_writer=self.audit.append)
         service.startService()
         self.connectors.append(service)
         return service
