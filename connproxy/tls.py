@@ -25,6 +25,12 @@ from twisted.internet.ssl import (
 from connproxy.certs import CertificateIdentityError, ConnectorIdentity, connector_identity
 
 
+#: ALPN names: the tunnel's own, and HTTP/1.1 for the health check (curl offers ALPN; OpenSSL needs a
+#: server-side selection to answer it).
+ALPN_TUNNEL = b"connproxy-tunnel/1"
+ALPN_SERVER = [ALPN_TUNNEL, b"http/1.1"]
+
+
 def _read(path: str | Path) -> bytes:
     return Path(path).read_bytes()
 
@@ -47,6 +53,7 @@ def server_options(cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes) -> Cer
         caCerts=_ca_list(client_ca_pem),
         requireCertificate=False,
         raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableProtocols=ALPN_SERVER,
     )
 
 
@@ -65,6 +72,7 @@ def client_options(
         server_name,
         trustRoot=trust,
         clientCertificate=own,
+        acceptableProtocols=[ALPN_TUNNEL],
         extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
     )
 

@@ -373,3 +373,21 @@ def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> De
 
 
 __all__ = ["succeed"]
+
+
+class Source(Protocol):
+    """Streams pseudo-random bytes as fast as the client reads, as a push producer, until closed."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.factory.connections.append(self)  # type: ignore[attr-defined]
+        self.producer = PatternProducer(self.transport, self.factory.total, fin=False)  # type: ignore[attr-defined]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

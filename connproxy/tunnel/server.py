@@ -27,6 +27,7 @@ from connproxy.wire.session import Role, Settings
 
 MAX_CONNECTOR_ID = 128
 CAPABILITIES = ["half-close", "early-data"]
+_REASONS = {200: b"OK", 302: b"Found", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed"}
 
 
 class ProxyTunnel(TunnelConnection):
@@ -144,7 +145,7 @@ class ProxyTunnel(TunnelConnection):
         if location is not None:
             headers.append((b"location", location))
         try:
-            out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+            out = conn.send(h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))) or b""
             if body and not head:
                 out += conn.send(h11.Data(data=body)) or b""
             out += conn.send(h11.EndOfMessage()) or b""

@@ -1,0 +1,265 @@
+"""Many streams on one tunnel, no head-of-line blocking, SOCKS5 reply codes, identity and routing."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import gatherResults
+
+from tests.harness import (
+    Echo,
+    PatternProducer,
+    Source,
+    Stack,
+    new_stack,
+    serve,
+    socks_connect,
+    tcp_rule,
+    wait_for,
+)
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Any:
+    s = new_stack(tmp_path)
+    yield s
+    pytest_twisted.blockon(s.stop())
+
+
+@pytest_twisted.inlineCallbacks
+def test_200_concurrent_streams_on_one_tunnel(stack: Stack) -> Any:
+    backend = yield serve(Echo)
+    stack.ports.append(backend)
+    stack.start_proxy()
+    connector = stack.start_connector(access=[tcp_rule("echo.internal", 7, backend.getHost().port)])
+    tunnel = yield connector.when_up()
+    results = yield gatherResults(
+        [socks_connect(stack.socks_port, "echo.internal", 7) for _ in range(200)], consumeErrors=True
+    )
+    assert [reply for _c, reply in results] == [0] * 200
+    assert len(tunnel.streams) == 200
+    producers = [PatternProducer(c.transport, 64 * 1024, chunk=16384, seed=i) for i, (c, _r) in enumerate(results)]
+    yield gatherResults([c.eof for c, _r in results])
+    for (client, _r), producer in zip(results, producers):
+        assert client.received == 64 * 1024
+        assert client.digest.hexdigest() == producer.digest.hexdigest()
+    yield gatherResults([c.done for c, _r in results])
+    yield wait_for(lambda: not tunnel.streams)
+
+
+@pytest_twisted.inlineCallbacks
+def test_stalled_reader_does_not_block_other_streams(stack: Stack) -> Any:
+    """One client stops reading a stream that has far more data than windows and buffers hold; another
+    stream on the same tunnel still transfers 32 MiB each way, and the stalled stream's buffering stays bounded."""
+    source = yield serve(Source, total=1 << 40, connections=[])
+    echo = yield serve(Echo)
+    stack.ports += [source, echo]
+    stack.start_proxy()
+    connector = stack.start_connector(
+        access=[tcp_rule("source.internal", 9, source.getHost().port), tcp_rule("echo.internal", 7, echo.getHost().port)]
+    )
+    yield connector.when_up()
+    stalled, reply = yield socks_connect(stack.socks_port, "source.internal", 9)
+    assert reply == 0
+    stalled.keep = None
+    yield wait_for(lambda: stalled.received > 0)
+    stalled.transport.pauseProducing()  # stop reading: the kernel buffers fill, then the proxy's, then credit stops
+    proxy_tunnel = next(iter(stack.proxy.tunnel_factory.tunnels))
+    stalled_stream = next(iter(proxy_tunnel.streams.values()))
+
+    def stalled_bytes() -> int:
+        return stalled_stream.bytes_in
+
+    # Let the stalled stream fill every window and buffer it can.
+    previous = -1
+    while stalled_bytes() != previous:
+        previous = stalled_bytes()
+        yield _sleep(0.3)
+    window = proxy_tunnel.session.settings.stream_window
+    # Bounded: what arrived at the proxy for the stalled stream is at most its window plus the client socket's
+    # share (kernel buffers and Twisted's 64 KiB transport buffer) — nowhere near the source's 1 TiB.
+    assert stalled_bytes() - stalled.received <= window + 8 * MIB
+
+    client, reply = yield socks_connect(stack.socks_port, "echo.internal", 7)
+    assert reply == 0
+    client.keep = None
+    producer = PatternProducer(client.transport, 32 * MIB, seed=3)
+    yield client.eof
+    assert client.received == 32 * MIB
+    assert client.digest.hexdigest() == producer.digest.hexdigest()
+    # The stalled stream is still stalled and still bounded.
+    assert stalled_bytes() - stalled.received <= window + 8 * MIB
+    stalled.transport.resumeProducing()
+    before = stalled.received
+    yield wait_for(lambda: stalled.received > before + 2 * window)
+    stalled.transport.abortConnection()
+    yield stalled.done
+
+
+def _sleep(seconds: float) -> Any:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reply_codes(stack: Stack) -> Any:
+    echo = yield serve(Echo)
+    stack.ports.append(echo)
+    refused_port = echo.getHost().port
+    closed = yield serve(Echo)
+    closed_port = closed.getHost().port
+    yield closed.stopListening()  # nothing listens there any more: connection refused
+    stack.start_proxy()
+    connector = stack.start_connector(
+        access=[
+            tcp_rule("echo.internal", 7, refused_port),
+            tcp_rule("down.internal", 7, closed_port),
+            tcp_rule("10.1.2.3", 22, refused_port),
+            tcp_rule("fd00::5", 22, refused_port),
+            tcp_rule("nowhere.invalid", 7, 1, internalHost="nonexistent.invalid"),
+            {"virtualHost": "web.internal", "virtualPort": 80, "internalHost": "127.0.0.1",
+             "internalPort": refused_port, "protocol": "HTTP", "resources": [{"path": "/"}]},
+        ]
+    )
+    yield connector.when_up()
+
+    async def reply_for(host: str, port: int, **kw: Any) -> int:
+        client, reply = await socks_connect(stack.socks_port, host, port, **kw)
+        if client.transport.connected:
+            client.transport.loseConnection()
+        await client.done
+        return reply
+
+    def run(host: str, port: int, **kw: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(reply_for(host, port, **kw))
+
+    assert (yield run("echo.internal", 7)) == 0x00
+    assert (yield run("10.1.2.3", 22)) == 0x00  # IPv4 address type
+    assert (yield run("fd00::5", 22)) == 0x00  # IPv6 address type
+    assert (yield run("echo.internal", 8)) == 0x02  # no mapping for the port
+    assert (yield run("other.internal", 7)) == 0x02  # no mapping for the host
+    assert (yield run("web.internal", 80)) == 0x02  # an HTTP mapping is not reachable over SOCKS5
+    assert (yield run("down.internal", 7)) == 0x04  # backend refused
+    assert (yield run("nowhere.invalid", 7)) == 0x04  # backend name does not resolve
+    assert (yield run("echo.internal", 7, location="loc-x")) == 0x03  # no connector for that location
+    assert (yield run("echo.internal", 7, methods=b"\x00")) == 0x00  # method 0x00 in trusted mode
+
+
+@pytest_twisted.inlineCallbacks
+def test_unsupported_command_and_address_type(stack: Stack) -> Any:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    stack.start_proxy()
+
+    class Raw(Protocol):
+        def __init__(self, payload: bytes) -> None:
+            self.payload = payload
+            self.data = b""
+            from twisted.internet.defer import Deferred
+
+            self.done: Deferred[bytes] = Deferred()
+
+        def connectionMade(self) -> None:
+            self.transport.write(self.payload)
+
+        def dataReceived(self, data: bytes) -> None:
+            self.data += data
+
+        def connectionLost(self, reason: Any = None) -> None:
+            self.done.callback(self.data)
+
+    async def exchange(payload: bytes) -> bytes:
+        proto = Raw(payload)
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", stack.socks_port).connect(Factory.forProtocol(lambda: proto))
+        return await proto.done
+
+    from twisted.internet.defer import Deferred
+
+    bind = b"\x05\x02\x00\x01\x7f\x00\x00\x01\x00\x50"  # BIND 127.0.0.1:80
+    answer = yield Deferred.fromCoroutine(exchange(b"\x05\x01\x00" + bind))
+    assert answer[:2] == b"\x05\x00" and answer[2:4] == b"\x05\x07"
+    bad_atyp = b"\x05\x01\x00\x05\x00"
+    answer = yield Deferred.fromCoroutine(exchange(b"\x05\x01\x00" + bad_atyp))
+    assert answer[2:4] == b"\x05\x08"
+    answer = yield Deferred.fromCoroutine(exchange(b"\x05\x01\x02"))  # only username/password offered
+    assert answer == b"\x05\xff"
+    answer = yield Deferred.fromCoroutine(exchange(b"\x05\x01\x80\x01\x00\x00\x00\x00\x03!!!"))  # garbage base64
+    assert answer == b"\x05\x80\x01\x01"
+
+
+@pytest_twisted.inlineCallbacks
+def test_routing_by_location_and_least_loaded(stack: Stack) -> Any:
+    a = yield serve(Echo)
+    b = yield serve(Echo)
+    stack.ports += [a, b]
+    stack.start_proxy()
+    default = stack.start_connector(access=[tcp_rule("svc", 1, a.getHost().port)], connector_id="default")
+    located = stack.start_connector(location="loc-1", bind_location=True,
+                                    access=[tcp_rule("svc", 1, b.getHost().port)], connector_id="located")
+    yield default.when_up()
+    yield located.when_up()
+    c1, r1 = yield socks_connect(stack.socks_port, "svc", 1)
+    c2, r2 = yield socks_connect(stack.socks_port, "svc", 1, location="loc-1")
+    assert (r1, r2) == (0, 0)
+    assert len(default.tunnel.streams) == 1 and len(located.tunnel.streams) == 1
+    # A second connector for the default location: new streams go to the least loaded one.
+    second = stack.start_connector(access=[tcp_rule("svc", 1, a.getHost().port)], connector_id="default-2")
+    yield second.when_up()
+    c3, r3 = yield socks_connect(stack.socks_port, "svc", 1)
+    assert r3 == 0
+    assert len(second.tunnel.streams) == 1 and len(default.tunnel.streams) == 1
+    for c in (c1, c2, c3):
+        c.transport.loseConnection()
+        yield c.done
+
+
+@pytest_twisted.inlineCallbacks
+def test_connector_cannot_claim_another_tenant(stack: Stack) -> Any:
+    stack.start_proxy()
+    impostor = stack.start_connector(subaccount="tenant-a", claim_subaccount="tenant-b", connector_id="evil")
+    yield wait_for(lambda: any("tunnel handshake failure" in line for line in stack.audit))
+    assert stack.proxy.registry.count() == 0
+    failure = next(line for line in stack.audit if "tunnel handshake failure" in line)
+    assert "tenant-b" in failure and "tenant-a" in failure
+    # Bound location: a certificate for loc-1 cannot register loc-2.
+    located = stack.start_connector(location="loc-2", bind_location=False, connector_id="loc")
+    yield located.when_up()  # unbound certificate: the handshake's location is used
+    assert stack.proxy.registry.pick("tenant-a", "loc-2") is not None
+    bound = stack.start_connector(subaccount="tenant-a", location="loc-1", bind_location=True,
+                                  connector_id="bound", locationId="loc-3")
+    yield wait_for(lambda: sum("tunnel handshake failure" in line for line in stack.audit) >= 2)
+    assert stack.proxy.registry.pick("tenant-a", "loc-3") is None
+    assert impostor.tunnel is None or impostor.tunnel.established_at is None
+    assert bound.tunnel is None or bound.tunnel.established_at is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_connector_reconnect_replaces_stale_registration(stack: Stack) -> Any:
+    echo = yield serve(Echo)
+    stack.ports.append(echo)
+    stack.start_proxy()
+    connector = stack.start_connector(access=[tcp_rule("svc", 1, echo.getHost().port)])
+    first = yield connector.when_up()
+    # The connector's side vanishes without a word (the proxy still holds the old tunnel): it dials again.
+    first.transport.abortConnection()
+    yield wait_for(lambda: connector.tunnel is not None and connector.tunnel is not first
+                   and connector.tunnel.established_at is not None)
+    yield wait_for(lambda: stack.proxy.registry.count() == 1)
+    client, reply = yield socks_connect(stack.socks_port, "svc", 1)
+    assert reply == 0
+    client.transport.loseConnection()
+    yield client.done
+
+
