@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from zope.interface import implementer
 
 from connproxy.tunnel.errors import NoConnectorError
@@ -34,12 +33,12 @@ class TunnelEndpoint:
         self.location = location
         self.request = request
 
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Protocol]:
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         """Open a stream; see the module docstring for the failures."""
         tunnel: Any = self.registry.pick(self.tenant, self.location)
         if tunnel is None:
             return fail(NoConnectorError(self.tenant, self.location))
-        d: Deferred[Protocol] = tunnel.open_stream(self.request, protocolFactory)
+        d: Deferred[IProtocol] = tunnel.open_stream(self.request, protocolFactory)
         return d
 
 

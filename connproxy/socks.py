@@ -12,7 +12,8 @@ token; 0x03 when no connector serves (tenant, location); 0x02 when the connector
 
 from __future__ import annotations
 
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -135,6 +136,10 @@ class Socks5Protocol(Relay):
         d.addErrback(self._open_failed, request)
 
     def _auth_failed(self, failure: Failure) -> None:
+        from twisted.internet.defer import CancelledError
+
+        if failure.check(CancelledError):
+            return  # the client left (or timed out) while being authorized: nothing was refused, nothing to audit
         reason = getattr(failure.value, "reason", "error")
         self.log.info(
             "SOCKS5 client {client} not authorized for {target}: {reason}",
@@ -233,6 +238,6 @@ class Socks5Factory(Factory):
         self.max_token_bytes = max_token_bytes
         self.audit_writer = audit_writer
 
-    def buildProtocol(self, addr: IAddress) -> Socks5Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Socks5Protocol:
         """A new client connection."""
         return Socks5Protocol(self)

@@ -24,7 +24,6 @@ from twisted.internet.ssl import (
 
 from connproxy.certs import CertificateIdentityError, ConnectorIdentity, connector_identity
 
-
 #: ALPN names: the tunnel's own, and HTTP/1.1 for the health check (curl offers ALPN; OpenSSL needs a
 #: server-side selection to answer it).
 ALPN_TUNNEL = b"connproxy-tunnel/1"

@@ -302,8 +302,8 @@ class TunnelConnection(Protocol):
             stream.reset(ErrorCode.CANCEL, "no protocol")
             d.errback(StreamRefusedError(ErrorCode.CANCEL, "factory built no protocol"))
             return
-        stream.attach(protocol)
-        d.callback(protocol)
+        stream.attach(protocol)  # type: ignore[arg-type]
+        d.callback(protocol)  # type: ignore[arg-type]
 
     def _on_reset(self, event: StreamReset) -> None:
         entry = self._opening.pop(event.stream_id, None)
@@ -414,7 +414,7 @@ class TunnelConnection(Protocol):
         try:
             peer: Any = self.peer_address()
             return f"{peer.host}:{peer.port}"
-        except Exception:  # noqa: BLE001 - only for log text
+        except Exception:
             return "?"
 
     @staticmethod

@@ -259,7 +259,7 @@ class ProxyTunnelFactory(Factory):
         self.audit_writer = audit_writer
         self.tunnels: set[ProxyTunnel] = set()
 
-    def buildProtocol(self, addr: IAddress) -> ProxyTunnel:
+    def buildProtocol(self, addr: IAddress | None) -> ProxyTunnel:
         """A new connection on the tunnel port."""
         tunnel = ProxyTunnel(self)
         tunnel.factory = self

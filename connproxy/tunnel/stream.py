@@ -140,8 +140,16 @@ class TunnelStream:
             self.loseConnection()
 
     def reset(self, code: ErrorCode, reason: str) -> None:
-        """The stream was reset (by the peer, or because the tunnel is gone)."""
-        self._finish(Failure(StreamResetError(code, reason)))
+        """The stream was reset (by the peer, or because the tunnel is gone).
+
+        ``NORMAL`` is the graceful close queued behind the peer's data (it will read nothing more): the protocol
+        sees a clean ``ConnectionDone``, so what it already passed on is flushed, not discarded. Any other code
+        is an abort.
+        """
+        if code == ErrorCode.NORMAL:
+            self._finish(Failure(ConnectionDone()))
+        else:
+            self._finish(Failure(StreamResetError(code, reason)))
 
     def window_available(self) -> None:
         """Send credit grew or the tunnel drained: push pending bytes and resume the producer if all went."""
@@ -179,7 +187,9 @@ class TunnelStream:
 
     def _block(self) -> None:
         self.connection.stream_blocked(self)
-        if self._producer is not None and not self._producer_paused:
+        if self._producer is not None:
+            # Pause even if we paused it before: someone else may have resumed it since (the relay's wiring
+            # resumes both sockets), and a producer left running here would grow ``_pending`` without bound.
             self._producer_paused = True
             self._producer.pauseProducing()
 
@@ -243,15 +253,14 @@ class TunnelStream:
 
     # ------------------------------------------------------------------ IConsumer
 
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:  # type: ignore[override]
         """Register the producer feeding this stream; it is paused at once if the stream is blocked."""
         if self._producer is not None:
             raise RuntimeError("a producer is already registered")
         self._producer = producer
         self._producer_paused = False
         if self._pending or self.connection.congested:
-            self._producer_paused = True
-            producer.pauseProducing()
+            self._block()  # registered as blocked, so that the tunnel's resumeProducing resumes the producer
 
     def unregisterProducer(self) -> None:
         """Forget the producer."""
@@ -282,6 +291,9 @@ class TunnelStream:
         self._closed = True
         self.disconnecting = True
         self._pending = b""
+        if self._early:
+            # Early data that no protocol took: its session credit must still go back to the peer.
+            self._unacked += sum(len(chunk) for chunk in self._early)
         self._early = None
         if self._unacked:
             count, self._unacked = self._unacked, 0

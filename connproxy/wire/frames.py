@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import struct
+
 from connproxy.wire.errors import ErrorCode, ProtocolError
 
 PREFACE = b"CPXTUN\r\n"

@@ -144,10 +144,10 @@ def test_connector_started_before_proxy_keeps_retrying(stack: Stack, tmp_path: P
 
 @pytest_twisted.inlineCallbacks
 def test_curl_through_socks5(stack: Stack) -> Any:
+    from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.web.resource import Resource
     from twisted.web.server import Site
     from twisted.web.static import Data
-    from twisted.internet.endpoints import TCP4ServerEndpoint
 
     root = Resource()
     root.putChild(b"hello", Data(b"hello through the tunnel\n", "text/plain"))

@@ -90,3 +90,29 @@ def test_server_speaks_first(stack: Stack) -> Any:
     assert bytes(client.keep or b"") == b"220 hello\r\n"
     client.transport.loseConnection()
     yield client.done
+
+
+@pytest_twisted.inlineCallbacks
+def test_backend_closes_right_after_sending_everything(stack: Stack) -> Any:
+    """A backend that writes a large answer and closes at once: the client still gets every byte (the
+    connector's close is queued behind the data, and the proxy closes the client gracefully, not by abort)."""
+    from tests.harness import Source
+
+    class SendAndClose(Source):
+        def connectionMade(self) -> None:
+            super().connectionMade()
+            self.producer.done.addCallback(lambda _: self.transport.loseConnection())
+
+    source = yield serve(SendAndClose, total=16 * MIB, connections=[])
+    stack.ports.append(source)
+    stack.start_proxy()
+    connector = stack.start_connector(access=[tcp_rule("source.internal", 19, source.getHost().port)])
+    yield connector.when_up()
+    client, reply = yield socks_connect(stack.socks_port, "source.internal", 19)
+    assert reply == 0
+    client.keep = None
+    yield client.eof
+    assert client.received == 16 * MIB
+    client.transport.loseConnection()
+    yield client.done
+    assert client.lost_reason is not None and "ConnectionDone" in repr(client.lost_reason.type)

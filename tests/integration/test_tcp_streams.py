@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ def test_200_concurrent_streams_on_one_tunnel(stack: Stack) -> Any:
     assert len(tunnel.streams) == 200
     producers = [PatternProducer(c.transport, 64 * 1024, chunk=16384, seed=i) for i, (c, _r) in enumerate(results)]
     yield gatherResults([c.eof for c, _r in results])
-    for (client, _r), producer in zip(results, producers):
+    for (client, _r), producer in zip(results, producers, strict=True):
         assert client.received == 64 * 1024
         assert client.digest.hexdigest() == producer.digest.hexdigest()
     yield gatherResults([c.done for c, _r in results])

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install connproxy with its test tools into .venv and run everything CI runs: ruff, mypy, the unit tests
+# (plain pytest, hypothesis and trial-style tests; no running reactor) and the integration tests (pytest-twisted,
+# real sockets on 127.0.0.1). The two pytest runs are separate processes on purpose: trial-style TestCases and
+# pytest-twisted's reactor greenlet do not mix in one process.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v 'WARNING: Location' || true
+# compat editable mode: the flat layout's twisted/plugins must be on sys.path for twistd to find the plugins.
+.venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat 2>&1 | grep -v 'WARNING: Location' || true
+.venv/bin/python -c 'import connproxy, h11, jwt, pytest_twisted, hypothesis' # fail early on a broken install
+.venv/bin/ruff check connproxy tests twisted bench
+.venv/bin/mypy
+.venv/bin/pytest -p no:twisted -q tests/unit "$@"
+.venv/bin/pytest -q tests/integration "$@"
