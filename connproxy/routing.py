@@ -13,9 +13,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connproxy.tunnel.errors import NoConnectorError
+from connproxy.metrics import ProxyMetrics
+from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, TunnelLostError
 from connproxy.tunnel.registry import ConnectorRegistry
 from connproxy.wire.events import OpenRequest
 
@@ -27,26 +29,62 @@ class TunnelEndpoint:
     The tunnel is picked when ``connect`` is called, not when the endpoint is made.
     """
 
-    def __init__(self, registry: ConnectorRegistry, tenant: str, location: str, request: OpenRequest) -> None:
+    def __init__(
+        self,
+        registry: ConnectorRegistry,
+        tenant: str,
+        location: str,
+        request: OpenRequest,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
         self.registry = registry
         self.tenant = tenant
         self.location = location
         self.request = request
+        self.metrics = metrics
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         """Open a stream; see the module docstring for the failures."""
         tunnel: Any = self.registry.pick(self.tenant, self.location)
         if tunnel is None:
-            return fail(NoConnectorError(self.tenant, self.location))
-        d: Deferred[IProtocol] = tunnel.open_stream(self.request, protocolFactory)
+            d: Deferred[IProtocol] = fail(NoConnectorError(self.tenant, self.location))
+        else:
+            d = tunnel.open_stream(self.request, protocolFactory)
+        if self.metrics is not None:
+            d.addBoth(self._count, tunnel)
         return d
+
+    def _count(self, result: Any, tunnel: Any) -> Any:
+        assert self.metrics is not None
+        front_end = str(self.request.meta.get("via", "unknown"))
+        if isinstance(result, Failure):
+            if result.check(OpenTimeoutError) and tunnel is not None:
+                self.metrics.opening_timeouts.labels(tunnel.tunnel_id).inc()
+            outcome = _outcome(result)
+        else:
+            outcome = "ok"
+        self.metrics.stream_opens.labels(front_end, outcome).inc()
+        return result
+
+
+def _outcome(failure: Failure) -> str:
+    if failure.check(NoConnectorError):
+        return "no_connector"
+    if failure.check(StreamRefusedError):
+        return str(failure.value.code.name).lower()  # type: ignore[union-attr]
+    if failure.check(OpenTimeoutError):
+        return "timeout"
+    if failure.check(TunnelLostError):
+        return "tunnel_lost"
+    return "error"
 
 
 class Router:
     """Hands out tunnel endpoints for the front ends."""
 
-    def __init__(self, registry: ConnectorRegistry) -> None:
+    def __init__(self, registry: ConnectorRegistry, metrics: ProxyMetrics | None = None) -> None:
         self.registry = registry
+        self.metrics = metrics
 
     def endpoint(
         self,
@@ -62,4 +100,4 @@ class Router:
         meta = dict(meta or {})
         meta.setdefault("tenant", tenant)
         meta.setdefault("location", location)
-        return TunnelEndpoint(self.registry, tenant, location, OpenRequest(host, port, kind, meta))
+        return TunnelEndpoint(self.registry, tenant, location, OpenRequest(host, port, kind, meta), self.metrics)
