@@ -1,0 +1,54 @@
+"""ProxyService and the connector service built on a MemoryReactor: listeners, interfaces, dev PKI fallback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from connproxy.certs import mint_test_pki
+from connproxy.config import connector_config_from_mapping, embedded_proxy_config, proxy_config_from_mapping
+from connproxy.service import ProxyService, make_connector_service
+
+
+def test_proxy_listeners_follow_the_configuration(tmp_path: Path) -> None:
+    files = mint_test_pki().write(tmp_path / "pki")
+    config = proxy_config_from_mapping({
+        "subaccountId": "t",
+        "servers": {
+            "businessDataTunnel": {"port": 18042, "tls": {"certFile": str(files.proxy_cert),
+                                                          "keyFile": str(files.proxy_key),
+                                                          "clientCaFile": str(files.ca_cert)}},
+            "proxy": {"socks5": {"port": 11080, "enableProxyAuthorization": False, "allowRemoteConnections": False},
+                      "http": {"enabled": False, "enableProxyAuthorization": False}},
+        },
+    })
+    reactor = MemoryReactorClock()
+    service = ProxyService(config, reactor)
+    service.startService()
+    assert [(port, iface) for port, _f, _ctx, _b, iface in reactor.sslServers] == [(18042, "0.0.0.0")]
+    socks = [(port, iface) for port, _f, _b, iface in reactor.tcpServers if port == 11080]
+    assert socks == [(11080, "127.0.0.1")]  # allowRemoteConnections false: loopback only
+    service.stopService()
+
+
+def test_embedded_defaults_use_the_dev_pki_in_the_state_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONNPROXY_STATE_DIR", str(tmp_path / "state"))
+    reactor = MemoryReactorClock()
+    service = ProxyService(embedded_proxy_config(), reactor)
+    service.startService()
+    assert (tmp_path / "state" / "dev-pki" / "proxy.crt").exists()
+    assert all(iface == "127.0.0.1" for _p, _f, _c, _b, iface in reactor.sslServers)
+    assert all(iface == "127.0.0.1" for _p, _f, _b, iface in reactor.tcpServers)
+    service.stopService()
+
+
+def test_connector_service_dials_the_configured_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONNPROXY_STATE_DIR", str(tmp_path / "state"))
+    config = connector_config_from_mapping({"subaccountId": "dev-subaccount", "proxy": {"host": "127.0.0.1", "port": 18042}})
+    reactor = MemoryReactorClock()
+    service = make_connector_service(config, reactor)
+    service.startService()
+    assert [(host, port) for host, port, *_rest in reactor.tcpClients] == [("127.0.0.1", 18042)]
+    service.stopService()
