@@ -25,6 +25,10 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import vm_hwm_mib
+
 BIN = Path(sys.executable).parent
 CHUNK = 1 << 20
 
@@ -84,13 +88,6 @@ def socks_connect(port: int, host: str, target_port: int) -> socket.socket:
         s.close()
         raise ConnectionError(f"SOCKS5 reply {reply[1]:#04x}")
     return s
-
-
-def vm_hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return -1
 
 
 def main() -> int:
@@ -185,8 +182,8 @@ def main() -> int:
         s.close()
         assert got == total, (got, total)
         results["download_MBps"] = round(total / download / 1e6, 1)
-        results["proxy_peak_rss_MiB"] = round(vm_hwm_kib(proxy.pid) / 1024, 1)
-        results["connector_peak_rss_MiB"] = round(vm_hwm_kib(connector.pid) / 1024, 1)
+        results["proxy_peak_rss_MiB"] = vm_hwm_mib(proxy.pid)
+        results["connector_peak_rss_MiB"] = vm_hwm_mib(connector.pid)
     finally:
         for child in (connector, proxy):
             child.send_signal(signal.SIGTERM)
