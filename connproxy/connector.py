@@ -20,7 +20,8 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -30,6 +31,7 @@ from zope.interface import implementer
 
 from connproxy import audit
 from connproxy.config import AccessRule, ConnectorConfig
+from connproxy.connector_http import HttpGateway
 from connproxy.relay import Relay, link
 from connproxy.tunnel.connection import TunnelConnection, TunnelTimers
 from connproxy.tunnel.stream import TunnelStream
@@ -58,12 +60,18 @@ def settings_from(config: ConnectorConfig | Any) -> tuple[Settings, TunnelTimers
     return settings, timers
 
 
+def _cancel_timer(result: object, timer: IDelayedCall) -> object:
+    if timer.active():
+        timer.cancel()
+    return result
+
+
 def backoff_delay(attempt: int, *, initial: float, maximum: float, fast_retries: int,
                   rng: Callable[[], float] = random.random) -> float:
     """Seconds to wait before connection attempt number ``attempt`` (1 = the first retry).
 
-    Full jitter: a uniform draw from ``[0, min(maximum, initial * 2**(attempt-1))]``; the first
-    ``fast_retries`` retries draw from ``[0, initial]``.
+    Full jitter: the first ``fast_retries`` retries draw uniformly from ``[0, initial]``; after them, retry
+    ``attempt`` draws from ``[0, min(maximum, initial * 2**(attempt - fast_retries))]``.
     """
     if attempt <= fast_retries:
         ceiling = initial
@@ -108,7 +116,7 @@ class _BackendFactory(Factory):
     def __init__(self, relay: BackendRelay) -> None:
         self.relay = relay
 
-    def buildProtocol(self, addr: IAddress) -> BackendRelay:
+    def buildProtocol(self, addr: IAddress | None) -> BackendRelay:
         return self.relay
 
 
@@ -141,6 +149,7 @@ class BackendDialer:
         self.config = config
         self.audit_writer = audit_writer
         self._endpoint_for = endpoint_for or self._default_endpoint
+        self.http = HttpGateway(reactor, config, self._endpoint_for, reset_code_for, audit_writer)
 
     def _default_endpoint(self, rule: AccessRule, host: str, port: int) -> IStreamClientEndpoint:
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
@@ -153,8 +162,14 @@ class BackendDialer:
         return endpoint
 
     def handle(self, tunnel: ConnectorTunnel, stream: TunnelStream) -> None:
-        """Decide on one opened stream: RESET ``ACCESS_DENIED``, or connect and accept."""
+        """Decide on one opened stream: RESET ``ACCESS_DENIED``, or connect and accept.
+
+        ``kind == "http"`` streams (one HTTP request each) go to :class:`~connproxy.connector_http.HttpGateway`.
+        """
         request = stream.request
+        if request.kind == "http":
+            self.http.handle(tunnel, stream)
+            return
         meta = request.meta
         rule = self.config.find_rule(request.host, request.port)
         target = f"{request.host}:{request.port}"
@@ -281,7 +296,7 @@ class _TunnelFactory(Factory):
     def __init__(self, service: ConnectorService) -> None:
         self.service = service
 
-    def buildProtocol(self, addr: IAddress) -> ConnectorTunnel:
+    def buildProtocol(self, addr: IAddress | None) -> ConnectorTunnel:
         return ConnectorTunnel(self.service)
 
 
@@ -340,7 +355,13 @@ class ConnectorService(Service):
         tunnel.session.go_away(ErrorCode.SHUTTING_DOWN, "connector shutting down")
         tunnel._flush()
         done: Deferred[None] = Deferred()
-        tunnel.closed.addBoth(lambda _: done.called or done.callback(None))
+
+        def closed(result: object) -> object:
+            if not done.called:
+                done.callback(None)
+            return result
+
+        tunnel.closed.addBoth(closed)
 
         def close_when_idle() -> None:
             if tunnel.lost:
@@ -348,7 +369,7 @@ class ConnectorService(Service):
             if not tunnel.streams or self.clock.seconds() >= deadline:
                 tunnel.close_transport()
                 abort = self.clock.callLater(2.0, tunnel._abort)
-                tunnel.closed.addBoth(lambda r: (abort.active() and abort.cancel(), r)[1])
+                tunnel.closed.addBoth(_cancel_timer, abort)
             else:
                 self.clock.callLater(0.1, close_when_idle)
 
@@ -379,7 +400,7 @@ class ConnectorService(Service):
         try:
             endpoint = self.endpoint_factory()
             d = endpoint.connect(_TunnelFactory(self))
-        except Exception:  # noqa: BLE001 - a broken endpoint must not end the retry loop
+        except Exception:
             self.log.failure("could not start a connection to the proxy")
             self._schedule_retry("endpoint error")
             return

@@ -7,11 +7,16 @@ producer, so a slow reader pauses the far sender instead of growing buffers (a p
 returning window credit). A FIN on one side becomes ``loseWriteConnection`` on the other; a connection is closed
 once both of its directions are done. An abnormal loss on one side aborts the other.
 
-Every front end (SOCKS5, HTTP CONNECT) and the connector's backend side use this module.
+Every front end (SOCKS5, HTTP CONNECT) and the connector's backend side use this module. The HTTP paths reuse
+the same splice per request: :meth:`Relay.forward` is the hook through which a wired side passes what it read
+(the HTTP relays re-frame it with h11 there instead of copying it), and :func:`unwire` ends the splice between
+two sides without closing either, so that a keep-alive client connection or a pooled backend connection can be
+wired to the next request's stream.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
@@ -59,12 +64,21 @@ class Relay(Protocol):
             wire(self, peer)
 
     def dataReceived(self, data: bytes) -> None:
-        """Pass bytes to the peer, or hold them (bounded) until the relay is wired."""
+        """Pass bytes to the peer (through :meth:`forward`), or hold them (bounded) until the relay is wired."""
         if self._wired:
-            assert self.peer is not None and self.peer.transport is not None
-            self.peer.transport.write(data)
+            self.forward(data)
         else:
             self.hold(data)
+
+    def forward(self, data: bytes) -> None:
+        """Hook: pass bytes read on this side to the wired peer; by default write them to its transport as they are.
+
+        Subclasses that transform the byte stream (the HTTP relays parse and re-frame it) override this; whatever
+        they write to the peer's transport stays under the peer's flow control, because the transports are each
+        other's producers while wired.
+        """
+        assert self.peer is not None and self.peer.transport is not None
+        self.peer.transport.write(data)
 
     def hold(self, data: bytes) -> None:
         """Keep ``data`` for the peer until wired; pause reading when the backlog passes :data:`MAX_BACKLOG`."""
@@ -155,7 +169,7 @@ def wire(a: Relay, b: Relay) -> None:
     for side, other in ((a, b), (b, a)):
         backlog, side._backlog, side._backlog_bytes = side._backlog, [], 0
         for chunk in backlog:
-            other.transport.write(chunk)  # type: ignore[union-attr]
+            side.forward(chunk)
         if side._backlog_fin:
             other.half_close_write()
     for side in (a, b):
@@ -164,21 +178,43 @@ def wire(a: Relay, b: Relay) -> None:
             resume()
 
 
+def unwire(a: Relay, b: Relay) -> None:
+    """Stop relaying between ``a`` and ``b`` without closing either: drop the producer registrations both ways and
+    the peer links.
+
+    Neither transport is resumed here: a side that goes on reading (a keep-alive client connection waiting for its
+    next request, a pooled backend connection) resumes its own transport, since the far side may have paused it.
+    """
+    for side in (a, b):
+        side._wired = False
+        if side.transport is not None and not side._lost:
+            _unregister(side.transport)
+    if a.peer is b:
+        a.peer = None
+    if b.peer is a:
+        b.peer = None
+
+
 class RelayFactory(Factory):
-    """Builds the far side of a relay for ``endpoint.connect``: a :class:`Relay` linked to ``peer``."""
+    """Builds the far side of a relay for ``endpoint.connect``: a :class:`Relay` linked to ``peer``.
 
-    def __init__(self, peer: Relay) -> None:
+    :param relay: what to build, called with ``peer``: :class:`Relay` by default, or a subclass that re-frames
+        the bytes (the HTTP paths).
+    """
+
+    def __init__(self, peer: Relay, relay: Callable[[Relay], Relay] = Relay) -> None:
         self.peer = peer
+        self.relay = relay
 
-    def buildProtocol(self, addr: IAddress) -> Relay:
-        """Return a new :class:`Relay` linked to the near side."""
-        return Relay(self.peer)
+    def buildProtocol(self, addr: IAddress | None) -> Relay:
+        """Return a new relay side linked to the near side."""
+        return self.relay(self.peer)
 
 
 def describe_transport(transport: ITransport | Any) -> str:
     """``host:port`` of the transport's peer for log lines, or ``"?"``."""
     try:
-        peer = transport.getPeer()
+        peer: Any = transport.getPeer()
         return f"{peer.host}:{peer.port}"
-    except Exception:  # noqa: BLE001 - only for log text
+    except Exception:
         return "?"

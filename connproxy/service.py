@@ -22,6 +22,7 @@ from connproxy import audit, tls
 from connproxy.auth import Authorizer, KeyStore, make_authorizer
 from connproxy.config import ConnectorConfig, FrontEndConfig, ProxyConfig, TlsFiles
 from connproxy.connector import ConnectorService, settings_from
+from connproxy.http_proxy import HttpProxyFactory
 from connproxy.routing import Router
 from connproxy.socks import Socks5Factory
 from connproxy.state import ensure_dev_pki, state_dir
@@ -149,6 +150,23 @@ class ProxyService(MultiService):
                 "SOCKS5 proxy", TCP4ServerEndpoint(reactor, fe.port, interface=config.interface_for(fe)), factory
             )
             self.socks_listener.setServiceParent(self)
+        if config.http.enabled:
+            http = config.http
+            http_factory = HttpProxyFactory(
+                self.router, self.authorizer_for(http), reactor,
+                authorization_enabled=http.enable_proxy_authorization,
+                allow_connect=http.allow_connect,
+                max_line_bytes=http.max_line_bytes,
+                max_header_bytes=http.max_header_bytes,
+                header_timeout=float(config.client_connection.handshake_timeout_seconds),
+                idle_timeout=float(config.client_connection.idle_timeout_seconds),
+                audit_writer=audit_writer,
+            )
+            self.http_listener = ListenerService(
+                "HTTP proxy", TCP4ServerEndpoint(reactor, http.port, interface=config.interface_for(http)),
+                http_factory,
+            )
+            self.http_listener.setServiceParent(self)
 
     def authorizer_for(self, front_end: FrontEndConfig) -> Authorizer:
         """The authorizer of one front end (both share :attr:`key_store`)."""
@@ -177,7 +195,7 @@ class ProxyService(MultiService):
         def force() -> None:
             for t in tunnels:
                 if not t.lost and t.transport is not None:
-                    t.transport.abortConnection()
+                    t.transport.abortConnection()  # type: ignore[attr-defined]
 
         timer = self.reactor.callLater(10.0, force)
         done = DeferredList([d, *waits], consumeErrors=True)

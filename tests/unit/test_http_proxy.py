@@ -1,0 +1,533 @@
+"""The HTTP proxy front end's h11 glue, with StringTransports, a fake router and a task.Clock (no reactor)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from connproxy.auth import AuthError, Caller
+from connproxy.http_proxy import (
+    HttpProxyFactory,
+    HttpProxyProtocol,
+    end_to_end_headers,
+    split_authority,
+    upgrade_of,
+)
+from connproxy.relay import Relay
+from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, StreamResetError
+from connproxy.wire.errors import ErrorCode
+
+
+class HalfCloseTransport(StringTransport):
+    """A StringTransport with half-close and abort, which the relay uses."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "10.0.0.7", 51234))
+        self.write_closed = False
+        self.aborted = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.disconnecting = True
+
+
+class FakeEndpoint:
+    def __init__(self, router: FakeRouter, kwargs: dict[str, Any]) -> None:
+        self.router = router
+        self.kwargs = kwargs
+        self.d: Deferred[Any] = Deferred(lambda _d: router.cancelled.append(kwargs))
+        self.factory: Any = None
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        self.factory = factory
+        return self.d
+
+    def accept(self) -> tuple[Any, HalfCloseTransport]:
+        """The connector accepted: build the stream side, connect it, fire."""
+        protocol = self.factory.buildProtocol(None)
+        transport = HalfCloseTransport()
+        protocol.makeConnection(transport)
+        self.d.callback(protocol)
+        return protocol, transport
+
+
+class FakeRouter:
+    def __init__(self) -> None:
+        self.endpoints: list[FakeEndpoint] = []
+        self.cancelled: list[dict[str, Any]] = []
+
+    def endpoint(self, **kwargs: Any) -> FakeEndpoint:
+        endpoint = FakeEndpoint(self, kwargs)
+        self.endpoints.append(endpoint)
+        return endpoint
+
+
+class FakeAuthorizer:
+    def __init__(self, error: AuthError | None = None, tenant: str = "tenant-a") -> None:
+        self.error = error
+        self.tenant = tenant
+        self.calls: list[tuple[str | None, str | None]] = []
+
+    def authorize(self, *, proxy_token: str | None, service_token: str | None = None) -> Deferred[Any]:
+        self.calls.append((proxy_token, service_token))
+        if self.error is not None:
+            return fail(self.error)
+        return succeed(Caller(tenant=self.tenant, client_id="sb-app", subject=None, verified=True))
+
+
+class Client:
+    """One proxy client connection under test."""
+
+    def __init__(self, *, authorizer: FakeAuthorizer | None = None, **factory_kwargs: Any) -> None:
+        self.router = FakeRouter()
+        self.clock = Clock()
+        self.audit: list[str] = []
+        self.authorizer = authorizer or FakeAuthorizer()
+        factory_kwargs.setdefault("authorization_enabled", False)
+        router: Any = self.router
+        self.factory = HttpProxyFactory(router, self.authorizer, self.clock, audit_writer=self.audit.append,
+                                        **factory_kwargs)
+        self.protocol: HttpProxyProtocol = self.factory.buildProtocol(None)
+        self.transport = HalfCloseTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def take(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+
+def responses(raw: bytes, method: bytes = b"GET", count: int = 1) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Parse ``count`` responses (to requests of ``method``) from ``raw``."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.receive_data(raw)
+    out: list[tuple[int, dict[bytes, bytes], bytes]] = []
+    for _ in range(count):
+        conn.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
+        conn.send(h11.EndOfMessage())
+        status, headers, body = 0, {}, b""
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Response):
+                status, headers = event.status_code, dict(event.headers)
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.InformationalResponse):
+                continue
+            else:
+                raise AssertionError(f"incomplete response: {event}")
+        out.append((status, headers, body))
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+    return out
+
+
+def one(raw: bytes, method: bytes = b"GET") -> tuple[int, dict[bytes, bytes], bytes]:
+    return responses(raw, method)[0]
+
+
+def requests_in(raw: bytes) -> list[h11.Event]:
+    """The events of the request(s) the proxy wrote into a stream."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(raw)
+    events: list[h11.Event] = []
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA or event is h11.PAUSED:
+            return events
+        events.append(event)  # type: ignore[arg-type]
+
+
+GET = b"GET http://erp.internal:8080/api/x?y=1 HTTP/1.1\r\nHost: erp.internal:8080\r\n"
+
+
+def answer(stream: HalfCloseTransport, protocol: Any, body: bytes = b"hello", extra: bytes = b"") -> None:
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def test_split_authority() -> None:
+    assert split_authority("erp.internal", 80) == ("erp.internal", 80)
+    assert split_authority("erp.internal:8080", 80) == ("erp.internal", 8080)
+    assert split_authority("[::1]:443", None) == ("::1", 443)
+    for bad in ("", "erp:0", "erp:x", "::1", "a b", "erp:70000"):
+        with pytest.raises(ValueError):
+            split_authority(bad, 80)
+    with pytest.raises(ValueError):
+        split_authority("erp.internal", None)
+
+
+def test_end_to_end_headers_drop_hop_by_hop_sap_and_connection_named() -> None:
+    headers = [(b"Host", b"h"), (b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"5"),
+               (b"Proxy-Authorization", b"Bearer t"), (b"Proxy-Connection", b"keep-alive"), (b"TE", b"trailers"),
+               (b"SAP-Connectivity-SCC-Location_ID", b"l"), (b"SAP-CP-Connectivity-Service-Token", b"t"),
+               (b"sap-connectivity-authentication", b"Bearer u"), (b"Transfer-Encoding", b"chunked"),
+               (b"Content-Length", b"3"), (b"X-Keep", b"yes"), (b"Upgrade", b"websocket"), (b"Expect", b"100-continue")]
+    assert end_to_end_headers(headers) == [(b"host", b"h"), (b"content-length", b"3"), (b"x-keep", b"yes")]
+
+
+def test_upgrade_needs_connection_upgrade() -> None:
+    assert upgrade_of([(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]) == b"websocket"
+    assert upgrade_of([(b"upgrade", b"websocket")]) is None
+
+
+# ------------------------------------------------------------------------------------------------ routing
+
+
+def test_absolute_form_request_is_routed_cleaned_and_answered_with_keep_alive() -> None:
+    c = Client()
+    c.send(GET + b"Proxy-Connection: keep-alive\r\nSAP-Connectivity-SCC-Location_ID: loc-1\r\n"
+           b"SAP-Connectivity-Authentication: Bearer user.jwt\r\nSAP-Connectivity-Foo: x\r\nX-Custom: 1\r\n\r\n")
+    assert c.transport.producerState == "paused"  # while authorizing and routing
+    (endpoint,) = c.router.endpoints
+    kwargs = endpoint.kwargs
+    assert (kwargs["tenant"], kwargs["location"], kwargs["host"], kwargs["port"], kwargs["kind"]) == (
+        "tenant-a", "loc-1", "erp.internal", 8080, "http")
+    assert kwargs["meta"]["http"] == {"method": "GET", "target": "/api/x?y=1", "upgrade": None}
+    assert kwargs["meta"]["authentication"] == "Bearer user.jwt"
+    assert kwargs["meta"]["client_id"] == "sb-app" and kwargs["meta"]["client"] == "10.0.0.7:51234"
+    upstream, stream = endpoint.accept()
+    assert c.transport.producerState == "producing"
+    assert stream.producer is c.transport and c.transport.producer is stream  # wired both ways
+    events = requests_in(stream.value())
+    request = events[0]
+    assert isinstance(request, h11.Request) and request.target == b"/api/x?y=1"
+    assert dict(request.headers) == {b"host": b"erp.internal:8080", b"x-custom": b"1"}
+    assert isinstance(events[1], h11.EndOfMessage)
+    assert stream.write_closed  # FIN after the request
+    answer(stream, upstream)
+    status, headers, body = one(c.take())
+    assert (status, body) == (200, b"hello")
+    assert c.transport.producer is None and stream.producer is None  # unwired after the exchange
+    assert not c.transport.disconnecting
+    # the next request on the same connection goes to another virtual host through a new stream
+    c.send(b"GET /second HTTP/1.1\r\nHost: other.internal\r\n\r\n")
+    assert c.router.endpoints[1].kwargs["host"] == "other.internal"
+    assert c.router.endpoints[1].kwargs["port"] == 80
+    assert c.router.endpoints[1].kwargs["location"] == ""
+    upstream2, stream2 = c.router.endpoints[1].accept()
+    assert requests_in(stream2.value())[0].target == b"/second"  # type: ignore[union-attr]
+    answer(stream2, upstream2, b"two")
+    assert one(c.take())[2] == b"two"
+
+
+def test_pipelined_requests_wait_for_the_previous_answer() -> None:
+    c = Client()
+    c.send(GET + b"\r\n" + b"GET http://b.internal/ HTTP/1.1\r\nHost: b.internal\r\n\r\n")
+    assert len(c.router.endpoints) == 1
+    upstream, stream = c.router.endpoints[0].accept()
+    assert len(c.router.endpoints) == 1
+    answer(stream, upstream)
+    assert len(c.router.endpoints) == 2
+
+
+def test_request_body_streams_and_chunked_framing_is_kept() -> None:
+    c = Client()
+    c.send(b"POST http://erp.internal/up HTTP/1.1\r\nHost: erp.internal\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n")
+    upstream, stream = c.router.endpoints[0].accept()
+    c.send(b"6\r\n world\r\n0\r\n\r\n")
+    events = requests_in(stream.value())
+    assert (b"transfer-encoding", b"chunked") in list(events[0].headers)  # type: ignore[attr-defined]
+    assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == b"hello world"
+    assert isinstance(events[-1], h11.EndOfMessage) and stream.write_closed
+
+
+def test_expect_100_continue_is_answered_once_the_stream_is_open() -> None:
+    c = Client()
+    c.send(b"PUT http://erp.internal/up HTTP/1.1\r\nHost: erp.internal\r\nContent-Length: 5\r\n"
+           b"Expect: 100-continue\r\n\r\n")
+    assert c.take() == b""
+    upstream, stream = c.router.endpoints[0].accept()
+    assert c.take().startswith(b"HTTP/1.1 100 ")
+    assert b"expect" not in stream.value().lower()
+    c.send(b"hello")
+    assert stream.value().endswith(b"hello")
+
+
+def test_origin_form_needs_host() -> None:
+    c = Client()
+    c.send(b"GET /x HTTP/1.0\r\n\r\n")
+    status, _h, body = one(c.take())
+    assert status == 400 and b"Host" in body
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "text"),
+    [
+        (b"NOT HTTP\r\n\r\n", 400, b"malformed request"),
+        (b"GET https://erp.internal/ HTTP/1.1\r\nHost: erp.internal\r\n\r\n", 405, b"https:// targets"),
+        (b"GET ftp://erp.internal/ HTTP/1.1\r\nHost: erp.internal\r\n\r\n", 400, b"request target must be"),
+        (b"GET http://erp.internal:0/ HTTP/1.1\r\nHost: erp.internal\r\n\r\n", 400, b"bad host"),
+        (GET + b"SAP-Connectivity-Authentication: Bearer a\r\nSAP-Connectivity-Technical-Authentication: Bearer b"
+         b"\r\n\r\n", 400, b"not both"),
+        (GET + b"SAP-Connectivity-Authentication: Bearer a\r\nAuthorization: Basic x\r\n\r\n", 400,
+         b"Authorization header must be omitted"),
+        (GET + b"SAP-Connectivity-SCC-Location_ID: a\r\nSAP-Connectivity-SCC-Location_ID: b\r\n\r\n", 400,
+         b"sent more than once"),
+        (b"GET http://erp.internal/" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414, b"request line longer than 8192"),
+        (GET + b"X-Long: " + b"x" * 8200 + b"\r\n\r\n", 431, b"header line x-long longer than 8192"),
+        (GET + b"".join(b"X-%d: %s\r\n" % (i, b"y" * 4000) for i in range(20)) + b"\r\n", 431,
+         b"header block larger than 65536"),
+    ],
+)
+def test_refusals(request_bytes: bytes, status: int, text: bytes) -> None:
+    c = Client()
+    c.send(request_bytes)
+    got, headers, body = one(c.take())
+    assert (got, text in body) == (status, True), body
+    assert headers[b"content-type"].startswith(b"text/plain")
+    assert c.router.endpoints == []
+
+
+def test_incomplete_oversized_head_is_431() -> None:
+    c = Client(max_header_bytes=16384)
+    c.send(GET + b"".join(b"X-%d: %s\r\n" % (i, b"y" * 1000) for i in range(20)))
+    got, _h, body = one(c.take())
+    assert got == 431 and c.transport.disconnecting
+
+
+def test_request_line_too_long_is_414_before_the_head_ends() -> None:
+    c = Client()
+    c.send(b"GET http://erp.internal/" + b"a" * 8300)
+    got, _h, _b = one(c.take())
+    assert got == 414 and c.transport.disconnecting
+
+
+def test_refused_request_without_body_keeps_the_connection() -> None:
+    c = Client()
+    c.send(b"GET https://erp.internal/ HTTP/1.1\r\nHost: erp.internal\r\n\r\n")
+    assert one(c.take())[0] == 405
+    assert not c.transport.disconnecting
+    c.send(GET + b"\r\n")
+    assert len(c.router.endpoints) == 1
+
+
+def test_connect_not_allowed_is_405() -> None:
+    c = Client(allow_connect=False)
+    c.send(b"CONNECT erp.internal:443 HTTP/1.1\r\nHost: erp.internal:443\r\n\r\n")
+    status, _h, body = one(c.take(), b"CONNECT")
+    assert status == 405 and b"allowConnect is false" in body
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "text"),
+    [
+        (AuthError("missing"), 407, b"no proxy authorization token"),
+        (AuthError("expired"), 407, b"the token has expired"),
+        (AuthError("missing", source="service_token"), 400, b"SAP-CP-Connectivity-Service-Token"),
+        (AuthError("key_fetch_failed"), 503, b"could not be fetched"),
+    ],
+)
+def test_authorization_failures(error: AuthError, status: int, text: bytes) -> None:
+    c = Client(authorizer=FakeAuthorizer(error), authorization_enabled=True)
+    c.send(GET + b"Proxy-Authorization: Bearer secret.token.value\r\n\r\n")
+    got, headers, body = one(c.take())
+    assert (got, text in body) == (status, True)
+    assert b"secret.token.value" not in body
+    assert (headers.get(b"proxy-authenticate") == b"Bearer") == (status == 407)
+    assert c.authorizer.calls == [("secret.token.value", None)]
+    (line,) = c.audit
+    assert '"proxy call refused"' in line and error.reason in line and "secret" not in line
+
+
+def _jwt(claims: str) -> str:
+    import base64
+
+    def enc(s: str) -> str:
+        return base64.urlsafe_b64encode(s.encode()).rstrip(b"=").decode()
+
+    return f"{enc('{}')}.{enc(claims)}.sig"
+
+
+def test_user_in_proxy_authorization_and_sap_authentication_is_400() -> None:
+    c = Client(authorization_enabled=True)
+    token = _jwt('{"user_name": "alice", "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer"}')
+    c.send(GET + f"Proxy-Authorization: Bearer {token}\r\n".encode()
+           + b"SAP-Connectivity-Authentication: Bearer user\r\n\r\n")
+    status, _h, body = one(c.take())
+    assert status == 400 and b"already in Proxy-Authorization" in body
+    # a client-credentials token may come with SAP-Connectivity-Authentication
+    c = Client(authorization_enabled=True)
+    client_token = _jwt('{"grant_type": "client_credentials"}')
+    c.send(GET + f"Proxy-Authorization: Bearer {client_token}\r\n".encode()
+           + b"SAP-Connectivity-Authentication: Bearer user\r\n\r\n")
+    assert len(c.router.endpoints) == 1
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "text"),
+    [
+        (NoConnectorError("tenant-a", "loc-9"), 503, b"no connector for subaccount tenant-a, location loc-9"),
+        (StreamRefusedError(ErrorCode.ACCESS_DENIED, "access denied to path /x on system erp.internal:8080"), 403,
+         b"access denied to path /x on system erp.internal:8080"),
+        (StreamRefusedError(ErrorCode.CONNECT_REFUSED, "Connection refused"), 502, b"refused the connection"),
+        (StreamRefusedError(ErrorCode.CONNECT_TIMEOUT, "timeout"), 504, b"did not accept the connection"),
+        (OpenTimeoutError("slow"), 504, b"did not open"),
+    ],
+)
+def test_open_failures(failure: Exception, status: int, text: bytes) -> None:
+    c = Client()
+    c.send(GET + b"\r\n")
+    c.router.endpoints[0].d.errback(failure)
+    got, _h, body = one(c.take())
+    assert (got, text in body) == (status, True), body
+    assert not c.transport.disconnecting  # no body: the connection stays
+
+
+def test_open_failure_with_a_pending_body_closes() -> None:
+    c = Client()
+    c.send(b"POST http://erp.internal/ HTTP/1.1\r\nHost: erp.internal\r\nContent-Length: 10\r\n\r\n12345")
+    c.router.endpoints[0].d.errback(NoConnectorError("tenant-a", ""))
+    status, headers, _body = one(c.take())
+    assert status == 503 and headers[b"connection"] == b"close" and c.transport.disconnecting
+
+
+def test_first_byte_timeout_is_504_and_resets_the_stream() -> None:
+    c = Client(first_byte_timeout=5.0)
+    c.send(GET + b"\r\n")
+    upstream, stream = c.router.endpoints[0].accept()
+    c.clock.advance(4.9)
+    assert c.take() == b""
+    c.clock.advance(0.2)
+    status, _h, body = one(c.take())
+    assert status == 504 and b"did not answer within 5s" in body
+    assert stream.aborted
+
+
+def test_stream_reset_before_the_answer_maps_its_code() -> None:
+    c = Client()
+    c.send(GET + b"\r\n")
+    upstream, stream = c.router.endpoints[0].accept()
+    upstream.connectionLost(Failure(StreamResetError(ErrorCode.BACKEND_RESET, "gone")))
+    status, _h, body = one(c.take())
+    assert status == 502 and b"closed the connection" in body
+
+
+def test_stream_reset_during_the_answer_cuts_the_client_off() -> None:
+    c = Client()
+    c.send(GET + b"\r\n")
+    upstream, stream = c.router.endpoints[0].accept()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    upstream.connectionLost(Failure(StreamResetError(ErrorCode.BACKEND_RESET, "gone")))
+    assert c.transport.aborted
+
+
+def test_client_gone_while_routing_cancels_the_open() -> None:
+    c = Client()
+    c.send(GET + b"\r\n")
+    c.protocol.connectionLost(Failure(Exception("gone")))
+    assert len(c.router.cancelled) == 1
+
+
+def test_header_timeout_is_408() -> None:
+    c = Client(header_timeout=3.0)
+    c.send(b"GET http://erp.internal/ HTTP/1.1\r\n")
+    c.clock.advance(3.1)
+    status, _h, _b = one(c.take())
+    assert status == 408 and c.transport.disconnecting
+
+
+def test_idle_connection_is_closed() -> None:
+    c = Client(idle_timeout=10.0)
+    c.clock.advance(9)
+    assert not c.transport.disconnecting
+    c.clock.advance(2)
+    assert c.transport.disconnecting
+
+
+# ------------------------------------------------------------------------------------------------ tunnels
+
+
+def test_connect_relays_raw_bytes_including_those_read_with_the_head() -> None:
+    c = Client()
+    c.send(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\nearly")
+    endpoint = c.router.endpoints[0]
+    assert (endpoint.kwargs["kind"], endpoint.kwargs["host"], endpoint.kwargs["port"]) == ("tcp", "db.internal", 5432)
+    far, stream = endpoint.accept()
+    assert isinstance(far, Relay)
+    assert c.take().startswith(b"HTTP/1.1 200 ")
+    assert stream.value() == b"early"
+    c.send(b"more")
+    assert stream.value() == b"earlymore"
+    far.dataReceived(b"reply")
+    assert c.take() == b"reply"
+    c.protocol.readConnectionLost()
+    assert stream.write_closed
+
+
+def test_upgrade_switches_both_sides_to_raw() -> None:
+    c = Client()
+    c.send(b"GET http://ws.internal/ws HTTP/1.1\r\nHost: ws.internal\r\nConnection: Upgrade\r\n"
+           b"Upgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n")
+    endpoint = c.router.endpoints[0]
+    assert endpoint.kwargs["meta"]["http"]["upgrade"] == "websocket"
+    upstream, stream = endpoint.accept()
+    request = requests_in(stream.value())[0]
+    assert isinstance(request, h11.Request)
+    assert (b"upgrade", b"websocket") in list(request.headers)
+    assert not stream.write_closed  # no FIN: the stream may carry the new protocol
+    stream.clear()
+    upstream.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Accept: a\r\n\r\nframe1")
+    raw = c.take()
+    assert raw.startswith(b"HTTP/1.1 101 ") and raw.endswith(b"\r\n\r\nframe1")
+    assert b"sec-websocket-accept: a" in raw.lower()
+    c.send(b"frame2")
+    assert stream.value() == b"frame2"
+
+
+def test_a_bug_is_a_500_without_a_traceback() -> None:
+    c = Client()
+
+    def broken(**kwargs: Any) -> Any:
+        raise RuntimeError("secret internals")
+
+    c.router.endpoint = broken  # type: ignore[method-assign]
+    c.send(GET + b"\r\n")
+    status, _h, body = one(c.take())
+    assert status == 500 and body == b"internal error in the proxy\n"
+    assert c.transport.disconnecting
+
+
+def test_head_and_no_content_answers_have_no_body() -> None:
+    c = Client()
+    c.send(b"HEAD http://erp.internal/ HTTP/1.1\r\nHost: erp.internal\r\n\r\n")
+    upstream, stream = c.router.endpoints[0].accept()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+    status, headers, body = one(c.take(), b"HEAD")
+    assert (status, headers[b"content-length"], body) == (200, b"1234", b"")
+    c.send(GET + b"\r\n")
+    upstream, stream = c.router.endpoints[1].accept()
+    upstream.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert one(c.take())[0] == 204 and not c.transport.disconnecting
+
+
+def test_chunked_answer_to_an_http_1_0_client_is_close_delimited() -> None:
+    c = Client()
+    c.send(b"GET http://erp.internal/ HTTP/1.0\r\n\r\n")
+    upstream, stream = c.router.endpoints[0].accept()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    raw = c.take()
+    assert b"transfer-encoding" not in raw.lower() and raw.endswith(b"\r\n\r\nhello")
+    assert c.transport.disconnecting

@@ -1,0 +1,109 @@
+"""The ``twistd`` plugins: discoverable, well-formed, cheap to import, and strict about configuration."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import tempfile
+from pathlib import Path
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+ROOT = Path(__file__).resolve().parents[2]
+PLUGIN_FILE = ROOT / "twisted" / "plugins" / "connproxy_plugin.py"
+TAPNAMES = {"connproxy": "connproxy.tap", "connproxy-connector": "connproxy.connector_tap"}
+
+
+class DiscoveryTests(SynchronousTestCase):
+    def test_both_plugins_are_found_and_provide_iservicemaker(self) -> None:
+        ours = {p.tapname: p for p in getPlugins(IServiceMaker) if p.tapname in TAPNAMES}
+        self.assertEqual(set(ours), set(TAPNAMES))
+        for tapname, plugin in ours.items():
+            self.assertTrue(verifyObject(IServiceMaker, plugin))
+            self.assertTrue(verifyObject(IPlugin, plugin))
+            self.assertEqual(plugin.module, TAPNAMES[tapname])
+            self.assertTrue(plugin.description)
+            self.assertIsInstance(plugin.options(), usage.Options)
+
+    def test_tap_modules_have_options_and_make_service(self) -> None:
+        for module_name in TAPNAMES.values():
+            module = importlib.import_module(module_name)
+            self.assertTrue(callable(module.makeService))
+            options = module.Options()
+            options.parseOptions(["--config", "x.yaml"])
+            self.assertEqual(options["config"], "x.yaml")
+
+
+class PackagingTests(SynchronousTestCase):
+    def test_no_init_in_twisted_or_twisted_plugins(self) -> None:
+        self.assertTrue(PLUGIN_FILE.is_file())
+        self.assertFalse((ROOT / "twisted" / "__init__.py").exists())
+        self.assertFalse((ROOT / "twisted" / "plugins" / "__init__.py").exists())
+
+    def test_plugin_file_imports_nothing_but_service_maker(self) -> None:
+        tree = ast.parse(PLUGIN_FILE.read_text(encoding="utf-8"))
+        imports = [node for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)]
+        self.assertEqual(len(imports), 1, ast.dump(tree))
+        (imp,) = imports
+        self.assertIsInstance(imp, ast.ImportFrom)
+        assert isinstance(imp, ast.ImportFrom)
+        self.assertEqual(imp.module, "twisted.application.service")
+        self.assertEqual([alias.name for alias in imp.names], ["ServiceMaker"])
+        # Every other top-level statement builds a ServiceMaker naming one of our tap modules (as a string,
+        # so that nothing of connproxy is imported when twistd lists its plugins).
+        modules = []
+        for node in tree.body:
+            if node is imp:
+                continue
+            self.assertIsInstance(node, ast.Assign)
+            assert isinstance(node, ast.Assign)
+            call = node.value
+            self.assertIsInstance(call, ast.Call)
+            assert isinstance(call, ast.Call)
+            self.assertEqual(getattr(call.func, "id", None), "ServiceMaker")
+            self.assertTrue(all(isinstance(arg, ast.Constant) for arg in call.args))
+            modules.append(call.args[1].value)  # type: ignore[attr-defined]
+        self.assertCountEqual(modules, list(TAPNAMES.values()))
+
+    def test_plugin_file_is_not_named_after_the_package(self) -> None:
+        self.assertNotEqual(PLUGIN_FILE.stem, "connproxy")
+
+
+class BadConfigTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.tmp = Path(tmp.name)
+
+    def make(self, module_name: str, yaml_text: str) -> usage.UsageError:
+        path = self.tmp / "config.yaml"
+        path.write_text(yaml_text, encoding="utf-8")
+        module = importlib.import_module(module_name)
+        options = module.Options()
+        options.parseOptions(["--config", str(path)])
+        with self.assertRaises(usage.UsageError) as caught:
+            module.makeService(options)
+        return caught.exception
+
+    def test_proxy_unknown_key_is_named(self) -> None:
+        error = self.make("connproxy.tap", "tenantMode: dedicated\nsubaccountId: t\nbogusKey: 1\n")
+        self.assertIn("bogusKey", str(error))
+
+    def test_proxy_bad_value_is_named_with_its_path(self) -> None:
+        error = self.make("connproxy.tap", "servers:\n  proxy:\n    socks5:\n      port: 99999\n")
+        self.assertIn("servers.proxy.socks5.port", str(error))
+
+    def test_connector_bad_value_is_named_with_its_path(self) -> None:
+        error = self.make("connproxy.connector_tap", "subaccountId: t\nreconnect:\n  fastRetries: -3\n")
+        self.assertIn("reconnect.fastRetries", str(error))
+
+    def test_missing_file_is_a_usage_error(self) -> None:
+        options = importlib.import_module("connproxy.tap").Options()
+        options.parseOptions(["--config", str(self.tmp / "missing.yaml")])
+        with self.assertRaises(usage.UsageError) as caught:
+            importlib.import_module("connproxy.tap").makeService(options)
+        self.assertIn("missing.yaml", str(caught.exception))

@@ -1,0 +1,348 @@
+"""Unit tests for the SOCKS5 front end's Twisted glue, :class:`connproxy.socks.Socks5Protocol`.
+
+The client socket is a ``StringTransport``; the router hands out a fake ``IStreamClientEndpoint`` whose
+``connect()`` returns a Deferred the test fires by hand; the authorizer is a fake too. Time is a ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from connproxy.auth import AuthError
+from connproxy.relay import Relay
+from connproxy.routing import Router
+from connproxy.socks import Socks5Factory, Socks5Protocol
+from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, TunnelLostError
+from connproxy.tunnel.registry import ConnectorRegistry
+from connproxy.wire.errors import ErrorCode
+
+CLIENT_ADDR = IPv4Address("TCP", "10.9.9.9", 5000)
+SUCCESS = bytes.fromhex("05 00 00 01 00 00 00 00 00 00")
+
+
+def greeting(*methods: int) -> bytes:
+    return bytes([5, len(methods), *methods])
+
+
+def sap_auth(token: bytes, location: str) -> bytes:
+    loc = base64.b64encode(location.encode()) if location else b""
+    return b"\x01" + struct.pack(">I", len(token)) + token + bytes([len(loc)]) + loc
+
+
+def connect_request(host: str, port: int) -> bytes:
+    name = host.encode()
+    return b"\x05\x01\x00\x03" + bytes([len(name)]) + name + port.to_bytes(2, "big")
+
+
+def reply(code: int) -> bytes:
+    return bytes([5, code, 0, 1, 0, 0, 0, 0, 0, 0])
+
+
+# ------------------------------------------------------------------------------------------------ doubles
+
+
+class HalfCloseStringTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.write_closed = 0
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed += 1
+
+
+@dataclass
+class Caller:
+    tenant: str
+    client_id: str | None = None
+
+
+class FakeAuthorizer:
+    """Authorizes everyone as ``tenant-a`` (``result``), fails with ``error``, or waits (``manual``)."""
+
+    def __init__(self, error: Exception | None = None, manual: bool = False) -> None:
+        self.error = error
+        self.manual = manual
+        self.calls: list[tuple[str | None, str | None]] = []
+        self.pending: list[Deferred[Any]] = []
+
+    def authorize(self, *, proxy_token: str | None, service_token: str | None = None) -> Deferred[Any]:
+        self.calls.append((proxy_token, service_token))
+        if self.error is not None:
+            return fail(self.error)
+        if self.manual:
+            d: Deferred[Any] = Deferred()
+            self.pending.append(d)
+            return d
+        return succeed(Caller("tenant-a", "client-1"))
+
+
+@implementer(IStreamClientEndpoint)
+class FakeEndpoint:
+    """``connect()`` returns a Deferred the test fires; cancelling it is recorded."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        self.factory: IProtocolFactory | None = None
+        self.cancelled = False
+        self.deferred: Deferred[Any] = Deferred(lambda d: setattr(self, "cancelled", True))
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        self.factory = factory
+        return self.deferred
+
+    def succeed(self) -> tuple[Relay, HalfCloseStringTransport]:
+        """The stream is open: build the far relay side on a fake stream transport and fire."""
+        assert self.factory is not None
+        far = self.factory.buildProtocol(None)
+        assert isinstance(far, Relay)
+        transport = HalfCloseStringTransport()
+        far.makeConnection(transport)
+        self.deferred.callback(far)
+        return far, transport
+
+
+class FakeRouter:
+    def __init__(self) -> None:
+        self.endpoints: list[FakeEndpoint] = []
+
+    def endpoint(self, **kwargs: Any) -> FakeEndpoint:
+        endpoint = FakeEndpoint(**kwargs)
+        self.endpoints.append(endpoint)
+        return endpoint
+
+
+class SocksTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.router = FakeRouter()
+        self.authorizer = FakeAuthorizer()
+        self.audit: list[str] = []
+        self.logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def client(self, authorization_enabled: bool = True, router: Any = None) -> tuple[Socks5Protocol, StringTransport]:
+        factory = Socks5Factory(
+            router or self.router, self.authorizer, self.clock, authorization_enabled=authorization_enabled,
+            handshake_timeout=30.0, audit_writer=self.audit.append,
+        )
+        protocol = factory.buildProtocol(CLIENT_ADDR)
+        transport = StringTransport(peerAddress=CLIENT_ADDR)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def negotiated(self, **kwargs: Any) -> tuple[Socks5Protocol, StringTransport]:
+        """A client that sent greeting, SAP auth and CONNECT erp.internal:443; replies cleared."""
+        protocol, transport = self.client(**kwargs)
+        protocol.dataReceived(greeting(0x80) + sap_auth(b"tok", "loc-1") + connect_request("erp.internal", 443))
+        self.assertEqual(transport.value(), b"\x05\x80\x01\x00")
+        transport.clear()
+        return protocol, transport
+
+    def events_with(self, text: str) -> list[dict[str, Any]]:
+        return [e for e in self.logged if text in e.get("log_format", "")]
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+class SapFlowTests(SocksTestCase):
+    def test_exact_bytes_of_the_sap_flow(self) -> None:
+        protocol, transport = self.client()
+        protocol.dataReceived(b"\x05\x01\x80")
+        self.assertEqual(transport.value(), b"\x05\x80")
+        transport.clear()
+        protocol.dataReceived(sap_auth(b"eyJ.token.sig", "loc-1"))
+        self.assertEqual(transport.value(), b"\x01\x00")
+        transport.clear()
+        protocol.dataReceived(connect_request("erp.internal", 443))
+        self.assertEqual(transport.value(), b"")  # nothing until the stream is open
+        self.assertEqual(self.authorizer.calls, [("eyJ.token.sig", "eyJ.token.sig")])
+        (endpoint,) = self.router.endpoints
+        self.assertEqual(endpoint.kwargs["tenant"], "tenant-a")
+        self.assertEqual(endpoint.kwargs["location"], "loc-1")
+        self.assertEqual((endpoint.kwargs["host"], endpoint.kwargs["port"]), ("erp.internal", 443))
+        self.assertEqual(endpoint.kwargs["kind"], "tcp")
+        self.assertEqual(endpoint.kwargs["meta"],
+                         {"client": "10.9.9.9:5000", "client_id": "client-1", "via": "socks5"})
+        far, far_t = endpoint.succeed()
+        self.assertEqual(transport.value(), SUCCESS)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # the negotiation timeout is cancelled
+        # Relaying, with the transports as each other's producers.
+        self.assertIs(transport.producer, far_t)
+        self.assertIs(far_t.producer, transport)
+        protocol.dataReceived(b"client bytes")
+        far.dataReceived(b"server bytes")
+        self.assertEqual(far_t.value(), b"client bytes")
+        self.assertEqual(transport.value(), SUCCESS + b"server bytes")
+
+    def test_default_location_is_empty(self) -> None:
+        protocol, transport = self.client()
+        protocol.dataReceived(greeting(0x80) + sap_auth(b"tok", "") + connect_request("10.0.0.1", 22))
+        self.assertEqual(self.router.endpoints[0].kwargs["location"], "")
+        self.assertEqual(self.router.endpoints[0].kwargs["host"], "10.0.0.1")
+
+    def test_sap_client_offering_00_and_80_gets_80_also_in_trusted_mode(self) -> None:
+        for enabled in (True, False):
+            protocol, transport = self.client(authorization_enabled=enabled)
+            protocol.dataReceived(b"\x05\x02\x00\x80")
+            self.assertEqual(transport.value(), b"\x05\x80", f"authorization_enabled={enabled}")
+
+    def test_no_auth_in_trusted_mode(self) -> None:
+        protocol, transport = self.client(authorization_enabled=False)
+        protocol.dataReceived(b"\x05\x01\x00" + connect_request("erp.internal", 443))
+        self.assertEqual(transport.value(), b"\x05\x00")
+        self.assertEqual(self.authorizer.calls, [(None, None)])
+        self.assertEqual(self.router.endpoints[0].kwargs["location"], "")
+
+    def test_no_auth_refused_when_authorization_is_enabled(self) -> None:
+        protocol, transport = self.client(authorization_enabled=True)
+        protocol.dataReceived(b"\x05\x01\x00")
+        self.assertEqual(transport.value(), b"\x05\xff")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.router.endpoints, [])
+
+    def test_malformed_greeting_is_closed_without_reply(self) -> None:
+        protocol, transport = self.client()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.events_with("refused")), 1)
+
+
+class ConnectingTests(SocksTestCase):
+    def test_client_is_paused_while_connecting_and_early_data_follows_the_wiring(self) -> None:
+        protocol, transport = self.client()
+        protocol.dataReceived(greeting(0x80) + sap_auth(b"tok", "loc-1") + connect_request("erp.internal", 443)
+                              + b"early,")
+        self.assertEqual(transport.producerState, "paused")
+        protocol.dataReceived(b"in flight")  # a read already under way when we paused
+        far, far_t = self.router.endpoints[0].succeed()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(far_t.value(), b"early,in flight")
+        self.assertTrue(transport.value().endswith(SUCCESS))
+
+    def test_client_disconnect_while_connecting_cancels_the_open(self) -> None:
+        protocol, transport = self.negotiated()
+        endpoint = self.router.endpoints[0]
+        self.assertFalse(endpoint.cancelled)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(endpoint.cancelled)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.events_with("failed"), [])
+
+    def test_client_disconnect_while_authorizing_is_not_a_refusal(self) -> None:
+        self.authorizer.manual = True
+        protocol, transport = self.negotiated()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.authorizer.pending[0].called)  # cancelled
+        self.assertEqual(self.router.endpoints, [])
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.audit, [])  # the client left; nobody refused it
+        self.assertEqual(self.events_with("not authorized"), [])
+
+    def test_late_authorization_after_disconnect_opens_nothing(self) -> None:
+        self.authorizer.manual = True
+        protocol, transport = self.negotiated()
+        d = self.authorizer.pending[0]
+        protocol.transport = None  # what the front end checks after its connection is gone
+        d.callback(Caller("tenant-a"))
+        self.assertEqual(self.router.endpoints, [])
+
+
+class FailureTests(SocksTestCase):
+    def assertFailedWith(self, error: Exception, code: int) -> None:
+        protocol, transport = self.negotiated()
+        self.router.endpoints[0].deferred.errback(error)
+        self.assertEqual(transport.value(), reply(code))
+        self.assertTrue(transport.disconnecting)
+        (event,) = self.events_with("failed")
+        self.assertEqual(event["reply"], f"{code:#04x}")
+        self.assertEqual(event["target"], "erp.internal:443")
+        protocol.connectionLost(Failure(ConnectionDone()))  # what follows loseConnection on a real socket
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_connector_is_network_unreachable(self) -> None:
+        self.assertFailedWith(NoConnectorError("tenant-a", "loc-1"), 0x03)
+
+    def test_access_denied_is_not_allowed(self) -> None:
+        self.assertFailedWith(StreamRefusedError(ErrorCode.ACCESS_DENIED, "no rule"), 0x02)
+
+    def test_connect_refused_is_host_unreachable(self) -> None:
+        self.assertFailedWith(StreamRefusedError(ErrorCode.CONNECT_REFUSED, "refused"), 0x04)
+
+    def test_open_timeout_is_host_unreachable(self) -> None:
+        self.assertFailedWith(OpenTimeoutError("no answer"), 0x04)
+
+    def test_tunnel_lost_is_network_unreachable(self) -> None:
+        self.assertFailedWith(TunnelLostError("gone"), 0x03)
+
+    def test_unexpected_error_is_general_failure(self) -> None:
+        self.assertFailedWith(RuntimeError("bug"), 0x01)
+
+    def test_real_router_without_connector(self) -> None:
+        protocol, transport = self.client(router=Router(ConnectorRegistry()))
+        protocol.dataReceived(greeting(0x80) + sap_auth(b"tok", "loc-1") + connect_request("erp.internal", 443))
+        self.assertEqual(transport.value(), b"\x05\x80\x01\x00" + reply(0x03))
+        self.assertTrue(transport.disconnecting)
+        (event,) = self.events_with("failed")
+        self.assertIn("loc-1", event["error"])
+
+    def test_refused_token_is_connection_refused_and_audited(self) -> None:
+        self.authorizer.error = AuthError("expired")
+        protocol, transport = self.client()
+        protocol.dataReceived(greeting(0x80) + sap_auth(b"tok", "loc-1") + connect_request("erp.internal", 443))
+        self.assertEqual(transport.value(), b"\x05\x80\x01\x00" + reply(0x05))
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.router.endpoints, [])
+        self.assertEqual(len(self.audit), 1)
+        self.assertIn("proxy call refused", self.audit[0])
+        self.assertIn("expired", self.audit[0])
+        self.assertNotIn("tok", self.audit[0].replace("token", ""))
+        self.assertEqual(len(self.events_with("not authorized")), 1)
+
+
+class TimeoutTests(SocksTestCase):
+    def test_negotiation_timeout_closes(self) -> None:
+        protocol, transport = self.client()
+        protocol.dataReceived(b"\x05\x01")  # half a greeting
+        self.clock.advance(29.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.events_with("did not finish negotiating")), 1)
+
+    def test_timeout_while_connecting_cancels_the_open(self) -> None:
+        protocol, transport = self.negotiated()
+        self.clock.advance(30.0)
+        self.assertTrue(self.router.endpoints[0].cancelled)
+        self.assertTrue(transport.disconnecting)
+
+    def test_timeout_while_authorizing_closes_without_an_audited_refusal(self) -> None:
+        self.authorizer.manual = True
+        protocol, transport = self.negotiated()
+        self.clock.advance(30.0)
+        self.assertTrue(self.authorizer.pending[0].called)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.audit, [])
+        self.assertEqual(self.router.endpoints, [])
+
+    def test_no_timeout_once_relaying(self) -> None:
+        protocol, transport = self.negotiated()
+        self.router.endpoints[0].succeed()
+        self.clock.advance(3600)
+        self.assertFalse(transport.disconnecting)
