@@ -20,7 +20,7 @@ Conventions:
 * Keys connproxy adds to SAP's set: ``servers.businessDataTunnel.bindAddress``,
   ``servers.proxy.http.{allowConnect,maxLineBytes,maxHeaderBytes}``,
   ``servers.proxy.authorization.oauth.{tokenKeysFile,tokenKeysUrl,uaaDomain,leewaySeconds}``,
-  ``servers.proxy.clientConnection.{idleTimeoutSeconds,handshakeTimeoutSeconds}``,
+  ``servers.proxy.clientConnection.{idleTimeoutSeconds,handshakeTimeoutSeconds,firstByteTimeoutSeconds}``,
   ``metrics.prometheus.bindAddress`` and the ``tunnel`` block. SAP keys connproxy does not implement
   (``subaccountSubdomain``, ``rfcAndLdap``, ...) are refused like any unknown key, with a note saying so.
 * Constructing the dataclasses directly (or with :func:`dataclasses.replace`) does not validate; call
@@ -220,6 +220,7 @@ class ClientConnectionConfig:
 
     idle_timeout_seconds: float = 3600.0
     handshake_timeout_seconds: float = 30.0
+    first_byte_timeout_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -844,7 +845,9 @@ def proxy_config_from_mapping(
     proxy = servers.section("proxy", ("http", "socks5", "authorization", "clientConnection"))
     http = _parse_http(proxy)
     socks5 = _parse_socks5(proxy)
-    client = proxy.section("clientConnection", ("idleTimeoutSeconds", "handshakeTimeoutSeconds"))
+    client = proxy.section(
+        "clientConnection", ("idleTimeoutSeconds", "handshakeTimeoutSeconds", "firstByteTimeoutSeconds")
+    )
     dc = ClientConnectionConfig()
     metrics = root.section("metrics", ("prometheus",)).section("prometheus", ("enabled", "port", "bindAddress"))
     logging = root.section("logging", ("format", "level"))
@@ -859,6 +862,7 @@ def proxy_config_from_mapping(
         client_connection=ClientConnectionConfig(
             idle_timeout_seconds=client.seconds("idleTimeoutSeconds", dc.idle_timeout_seconds),
             handshake_timeout_seconds=client.seconds("handshakeTimeoutSeconds", dc.handshake_timeout_seconds),
+            first_byte_timeout_seconds=client.seconds("firstByteTimeoutSeconds", dc.first_byte_timeout_seconds),
         ),
         tunnel=_parse_tunnel(root),
         metrics=MetricsConfig(

@@ -17,12 +17,14 @@ from twisted.internet.endpoints import HostnameEndpoint, SSL4ServerEndpoint, TCP
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamClientEndpoint, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from connproxy import audit, tls
 from connproxy.auth import Authorizer, KeyStore, make_authorizer
 from connproxy.config import ConnectorConfig, FrontEndConfig, ProxyConfig, TlsFiles
 from connproxy.connector import ConnectorService, settings_from
 from connproxy.http_proxy import HttpProxyFactory
+from connproxy.metrics import MetricsResource, ProxyMetrics
 from connproxy.routing import Router
 from connproxy.socks import Socks5Factory
 from connproxy.state import ensure_dev_pki, state_dir
@@ -76,6 +78,15 @@ class ListenerService(Service):
         return int(address.port)
 
 
+class _QuietSite(Site):
+    """A ``Site`` that writes no access log line per scrape."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        """Scrapes are not logged."""
+
+
 def _resolve_tls(files: TlsFiles, *, proxy: bool, subaccount: str | None = None) -> tuple[str, str, str]:
     """Certificate, key and CA file paths; the development PKI fills in what the configuration leaves out."""
     if files.cert_file and files.key_file and files.ca_file:
@@ -110,7 +121,8 @@ class ProxyService(MultiService):
         self.config = config
         self.reactor = reactor
         self.registry = ConnectorRegistry()
-        self.router = Router(self.registry)
+        self.metrics = ProxyMetrics(self.registry)
+        self.router = Router(self.registry, self.metrics)
         settings, timers = settings_from(config)
         cert, key, ca = _resolve_tls(config.tunnel_listener.tls, proxy=True)
         options = tls.server_options_from_files(cert, key, ca)
@@ -160,6 +172,7 @@ class ProxyService(MultiService):
                 max_header_bytes=http.max_header_bytes,
                 header_timeout=float(config.client_connection.handshake_timeout_seconds),
                 idle_timeout=float(config.client_connection.idle_timeout_seconds),
+                first_byte_timeout=float(config.client_connection.first_byte_timeout_seconds),
                 audit_writer=audit_writer,
             )
             self.http_listener = ListenerService(
@@ -167,6 +180,16 @@ class ProxyService(MultiService):
                 http_factory,
             )
             self.http_listener.setServiceParent(self)
+
+        self.metrics_listener: ListenerService | None = None
+        if config.metrics.enabled:
+            site = _QuietSite(MetricsResource(self.metrics))
+            self.metrics_listener = ListenerService(
+                "Prometheus metrics",
+                TCP4ServerEndpoint(reactor, config.metrics.port, interface=config.metrics.bind_address),
+                site,
+            )
+            self.metrics_listener.setServiceParent(self)
 
     def authorizer_for(self, front_end: FrontEndConfig) -> Authorizer:
         """The authorizer of one front end (both share :attr:`key_store`)."""

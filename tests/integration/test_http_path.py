@@ -251,8 +251,9 @@ def test_error_statuses(stack: Stack) -> Any:
         http_rule("erp.internal", 80, b.getHost().port, resources=[{"path": "/api", "allSubPaths": True}]),
         http_rule("down.internal", 80, refused_port),
         http_rule("slow.internal", 80, silent.getHost().port),
-    ])
-    stack.proxy.http_listener.factory.first_byte_timeout = 1.0  # type: ignore[union-attr]
+    ], proxy={**HTTP_ON, "servers": {**HTTP_ON["servers"], "proxy": {
+        **HTTP_ON["servers"]["proxy"], "clientConnection": {"firstByteTimeoutSeconds": 1}}}})
+    assert stack.proxy.http_listener.factory.first_byte_timeout == 1.0  # type: ignore[union-attr]
     port = stack.http_port
 
     def ask(data: bytes) -> Any:

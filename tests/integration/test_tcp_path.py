@@ -116,3 +116,30 @@ def test_backend_closes_right_after_sending_everything(stack: Stack) -> Any:
     client.transport.loseConnection()
     yield client.done
     assert client.lost_reason is not None and "ConnectionDone" in repr(client.lost_reason.type)
+
+
+@pytest_twisted.inlineCallbacks
+def test_prometheus_metrics(stack: Stack) -> Any:
+    import os
+
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    backend = yield serve(Echo)
+    stack.ports.append(backend)
+    stack.start_proxy(metrics={"prometheus": {"enabled": True, "port": 0, "bindAddress": "127.0.0.1"}})
+    connector = stack.start_connector(access=[tcp_rule("echo.internal", 7, backend.getHost().port)])
+    yield connector.when_up()
+    client, reply = yield socks_connect(stack.socks_port, "echo.internal", 7)
+    _c2, refused = yield socks_connect(stack.socks_port, "echo.internal", 8)
+    assert (reply, refused) == (0, 2)
+    port = stack.proxy.metrics_listener.port_number
+    out, err, code = yield getProcessOutputAndValue(
+        "curl", ["-sS", "--max-time", "10", f"http://127.0.0.1:{port}/metrics"], env=os.environ)
+    assert code == 0, err
+    text = out.decode()
+    assert "connectivity_business_data_tunnels_count 1.0" in text
+    assert 'connproxy_streams_open{location="",tenant="tenant-a"} 1.0' in text
+    assert 'connproxy_stream_opens_total{front_end="socks5",result="ok"} 1.0' in text
+    assert 'connproxy_stream_opens_total{front_end="socks5",result="access_denied"} 1.0' in text
+    client.transport.loseConnection()
+    yield client.done
