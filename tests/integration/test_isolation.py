@@ -117,3 +117,58 @@ async def test_trusted_shared_mode_takes_tenant_from_the_socks_token(stack: Stac
     assert await reach(stack, issue_token(tokens, "tenant-b", "any"), "") == (0, b"tenant-b")
     assert await reach(stack, issue_token(tokens, "tenant-a", "any"), "") == (0, b"tenant-a")
     assert (await reach(stack, "", ""))[0] == 0x05  # no token: no tenant
+
+
+async def http_get(stack: Stack, token: str | None, location: str) -> tuple[int, bytes]:
+    import os
+
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    args = ["-sS", "--max-time", "10", "-x", f"http://127.0.0.1:{stack.http_port}", "-w", "\n%{http_code}"]
+    if token is not None:
+        args += ["-H", f"Proxy-Authorization: Bearer {token}"]
+    if location:
+        args += ["-H", f"SAP-Connectivity-SCC-Location_ID: {location}"]
+    out, err, code = await getProcessOutputAndValue("curl", [*args, "http://svc.internal/"], env=os.environ)
+    assert code == 0, err
+    body, _, status = out.rpartition(b"\n")
+    return int(status), body
+
+
+@pytest_twisted.ensureDeferred
+async def test_isolation_matrix_over_http(stack: Stack, tmp_path: Path) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.web.server import Site
+    from twisted.web.static import Data
+
+    tokens = tmp_path / "tokens"
+    load_or_create_signing_key(tokens)
+    stack.start_proxy(tenantMode="shared", servers={"proxy": {
+        "http": {"enabled": True, "enableProxyAuthorization": True},
+        "authorization": {"oauth": {"allowedClientId": CLIENT, "tokenKeysFile": str(tokens / "token_keys.json")}},
+    }})
+    for tenant in TENANTS:
+        for location in LOCATIONS:
+            name = f"{tenant}/{location or 'default'}".encode()
+            leaf = Data(name, "text/plain")
+            leaf.isLeaf = True
+            web = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(leaf))
+            stack.ports.append(web)
+            stack.start_connector(
+                subaccount=tenant, location=location, bind_location=True, connector_id=f"{tenant}-{location}",
+                access=[{"virtualHost": "svc.internal", "virtualPort": 80, "internalHost": "127.0.0.1",
+                         "internalPort": web.getHost().port, "protocol": "HTTP",
+                         "resources": [{"path": "/", "allSubPaths": True}]}])
+    await wait_for(lambda: stack.proxy.registry.count() == 6, timeout=10)
+    for tenant in TENANTS:
+        token = issue_token(tokens, tenant, CLIENT)
+        for location in LOCATIONS:
+            assert await http_get(stack, token, location) == (200, f"{tenant}/{location or 'default'}".encode())
+        status, body = await http_get(stack, token, "loc-9")
+        assert status == 503 and b"no connector" in body
+    assert (await http_get(stack, None, ""))[0] == 407
+    assert (await http_get(stack, issue_token(tokens, "tenant-a", "other"), ""))[0] == 407
+    assert (await http_get(stack, issue_token(tmp_path / "foreign", "tenant-a", CLIENT), ""))[0] == 407
+    assert (await http_get(stack, "a.b.c", ""))[0] == 407
+    assert (await http_get(stack, issue_token(tokens, "tenant-d", CLIENT), ""))[0] == 503
