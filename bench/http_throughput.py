@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("--json")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="connproxy-http-bench-"))
+    tmp.chmod(0o755)  # nginx workers run as an unprivileged user and must read www/
     (tmp / "www").mkdir()
     (tmp / "www" / "1k").write_bytes(b"x" * 1024)
     with open(tmp / "www" / "big", "wb") as f:

@@ -27,6 +27,21 @@ class Name(Protocol):
 
 
 @pytest.fixture
+def log_text() -> Any:
+    """Everything logged during the test, formatted and raw, to check that no token leaks into logs."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event) + repr(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture
 def stack(tmp_path: Path) -> Any:
     s = new_stack(tmp_path)
     yield s
@@ -57,7 +72,7 @@ async def reach(stack: Stack, token: str, location: str) -> tuple[int, bytes]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_isolation_matrix_shared_mode(stack: Stack, tmp_path: Path) -> None:
+async def test_isolation_matrix_shared_mode(stack: Stack, tmp_path: Path, log_text: list[str]) -> None:
     tokens = tmp_path / "tokens"
     stack.start_proxy(**authorization(tokens, tenantMode="shared"))
     for tenant in TENANTS:
@@ -88,7 +103,10 @@ async def test_isolation_matrix_shared_mode(stack: Stack, tmp_path: Path) -> Non
     assert (await reach(stack, expired, ""))[0] == 0x05
     reasons = [line.split('"reason":"')[1].split('"')[0] for line in stack.audit if '"frontEnd":"socks5"' in line]
     assert reasons == ["client_not_allowed", "unknown_key", "missing", "expired"]
-    assert not any(token_part in "".join(stack.audit) for token_part in foreign.split(".")[1:])
+    everything = "".join(stack.audit) + "".join(log_text)
+    assert len(log_text) > 10
+    for token in (foreign, expired, issue_token(tokens, "tenant-a", "other-client")):
+        assert token.split(".")[2] not in everything  # no signature, hence no token, in audit lines or logs
 
 
 @pytest_twisted.ensureDeferred
@@ -136,7 +154,7 @@ async def http_get(stack: Stack, token: str | None, location: str) -> tuple[int,
 
 
 @pytest_twisted.ensureDeferred
-async def test_isolation_matrix_over_http(stack: Stack, tmp_path: Path) -> None:
+async def test_isolation_matrix_over_http(stack: Stack, tmp_path: Path, log_text: list[str]) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.web.server import Site
@@ -171,4 +189,10 @@ async def test_isolation_matrix_over_http(stack: Stack, tmp_path: Path) -> None:
     assert (await http_get(stack, issue_token(tokens, "tenant-a", "other"), ""))[0] == 407
     assert (await http_get(stack, issue_token(tmp_path / "foreign", "tenant-a", CLIENT), ""))[0] == 407
     assert (await http_get(stack, "a.b.c", ""))[0] == 407
-    assert (await http_get(stack, issue_token(tokens, "tenant-d", CLIENT), ""))[0] == 503
+    stranger = issue_token(tokens, "tenant-d", CLIENT)
+    assert (await http_get(stack, stranger, ""))[0] == 503
+    wrong_client = issue_token(tokens, "tenant-a", "other")
+    assert (await http_get(stack, wrong_client, ""))[0] == 407
+    everything = "".join(stack.audit) + "".join(log_text)
+    for token in (stranger, wrong_client):
+        assert token.split(".")[2] not in everything

@@ -262,3 +262,44 @@ def test_connector_reconnect_replaces_stale_registration(stack: Stack) -> Any:
     yield client.done
 
 
+
+
+def _tls_echo(stack: Stack) -> Any:
+    """An echo backend speaking TLS with a certificate for localhost from the test CA."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+    from twisted.internet.protocol import Factory
+    from twisted.internet.ssl import PrivateCertificate
+
+    cert = PrivateCertificate.loadPEM(stack.pki.server_cert_pem + b"\n" + stack.pki.server_key_pem)
+    return SSL4ServerEndpoint(reactor, 0, cert.options(), interface="127.0.0.1").listen(Factory.forProtocol(Echo))
+
+
+@pytest_twisted.inlineCallbacks
+def test_tcp_tls_mapping_verifies_the_backend(stack: Stack) -> Any:
+    """TCP_TLS: the connector opens TLS to the backend and verifies it against the mapping's caFile; with the
+    wrong CA the client gets 0x04 (TLS_ERROR), never a plaintext path."""
+    from connproxy.certs import mint_test_pki
+
+    backend = yield _tls_echo(stack)
+    stack.ports.append(backend)
+    good_ca = stack.tmp / "backend-ca.crt"
+    good_ca.write_bytes(stack.pki.ca_cert_pem)
+    other_ca = stack.tmp / "other-ca.crt"
+    other_ca.write_bytes(mint_test_pki().ca_cert_pem)
+    stack.start_proxy()
+    port = backend.getHost().port
+    connector = stack.start_connector(access=[
+        tcp_rule("secure.internal", 443, port, protocol="TCP_TLS", internalHost="localhost", caFile=str(good_ca)),
+        tcp_rule("mitm.internal", 443, port, protocol="TCP_TLS", internalHost="localhost", caFile=str(other_ca)),
+    ])
+    yield connector.when_up()
+    client, reply = yield socks_connect(stack.socks_port, "secure.internal", 443)
+    assert reply == 0
+    client.transport.write(b"over tls")
+    yield wait_for(lambda: client.received >= 8)
+    assert bytes(client.keep or b"") == b"over tls"
+    client.transport.loseConnection()
+    yield client.done
+    _c, reply = yield socks_connect(stack.socks_port, "mitm.internal", 443)
+    assert reply == 0x04
