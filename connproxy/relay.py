@@ -63,8 +63,12 @@ class Relay(Protocol):
         if peer is not None and peer.connected and not peer._lost:
             wire(self, peer)
 
+    #: Bytes read on this side (for idle detection without a timer per chunk).
+    bytes_read = 0
+
     def dataReceived(self, data: bytes) -> None:
         """Pass bytes to the peer (through :meth:`forward`), or hold them (bounded) until the relay is wired."""
+        self.bytes_read += len(data)
         if self._wired:
             self.forward(data)
         else:

@@ -156,6 +156,7 @@ class ProxyService(MultiService):
                 self.router, authorizer, reactor,
                 authorization_enabled=fe.enable_proxy_authorization,
                 handshake_timeout=float(config.client_connection.handshake_timeout_seconds),
+                idle_timeout=float(config.client_connection.idle_timeout_seconds),
                 audit_writer=audit_writer,
             )
             self.socks_listener = ListenerService(

@@ -60,10 +60,31 @@ class Socks5Protocol(Relay):
         self._timer: IDelayedCall | None = None
         self._target = ""
         self._tenant = ""
+        self._idle_mark = -1
 
     def connectionMade(self) -> None:
         """Start the negotiation timeout."""
         self._timer = self.factory.clock.callLater(self.factory.handshake_timeout, self._timed_out)
+
+    def _traffic(self) -> int:
+        peer = self.peer
+        return self.bytes_read + (peer.bytes_read if peer is not None else 0)
+
+    def _idle_check(self) -> None:
+        """Close a relayed connection with no traffic either way for a whole ``idleTimeoutSeconds`` period."""
+        self._timer = None
+        if self.transport is None or self._lost:
+            return
+        traffic = self._traffic()
+        if traffic != self._idle_mark:
+            self._idle_mark = traffic
+            self._timer = self.factory.clock.callLater(self.factory.idle_timeout, self._idle_check)
+            return
+        self.log.info(
+            "SOCKS5 {client} -> {target} idle for {timeout}s: closing", client=describe_transport(self.transport),
+            target=self._target, timeout=self.factory.idle_timeout,
+        )
+        self.transport.loseConnection()
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -174,6 +195,8 @@ class Socks5Protocol(Relay):
         if self.transport is None:
             return
         self.transport.write(self.parser.connect_reply(Reply.SUCCEEDED))
+        self._idle_mark = -1
+        self._timer = self.factory.clock.callLater(self.factory.idle_timeout, self._idle_check)
         self.log.debug(
             "SOCKS5 {client} -> {target} (subaccount {tenant}, location {location}) connected",
             client=describe_transport(self.transport), target=self._target, tenant=self._tenant,
@@ -227,6 +250,7 @@ class Socks5Factory(Factory):
         *,
         authorization_enabled: bool,
         handshake_timeout: float = 30.0,
+        idle_timeout: float = 3600.0,
         max_token_bytes: int = 65536,
         audit_writer: audit.AuditWriter | None = None,
     ) -> None:
@@ -235,6 +259,7 @@ class Socks5Factory(Factory):
         self.clock = clock
         self.authorization_enabled = authorization_enabled
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
         self.max_token_bytes = max_token_bytes
         self.audit_writer = audit_writer
 

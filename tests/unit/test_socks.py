@@ -180,7 +180,8 @@ class SapFlowTests(SocksTestCase):
         far, far_t = endpoint.succeed()
         self.assertEqual(transport.value(), SUCCESS)
         self.assertFalse(transport.disconnecting)
-        self.assertEqual(self.clock.getDelayedCalls(), [])  # the negotiation timeout is cancelled
+        # The negotiation timeout is cancelled; only the relay's idle check is left.
+        self.assertEqual([c.func.__name__ for c in self.clock.getDelayedCalls()], ["_idle_check"])
         # Relaying, with the transports as each other's producers.
         self.assertIs(transport.producer, far_t)
         self.assertIs(far_t.producer, transport)
@@ -346,3 +347,19 @@ class TimeoutTests(SocksTestCase):
         self.router.endpoints[0].succeed()
         self.clock.advance(3600)
         self.assertFalse(transport.disconnecting)
+
+
+class IdleTests(SocksTestCase):
+    def test_relay_without_traffic_for_an_idle_period_is_closed(self) -> None:
+        protocol, transport = self.negotiated()
+        protocol.factory.idle_timeout = 100.0
+        far, far_transport = self.router.endpoints[0].succeed()
+        self.clock.advance(99)
+        protocol.dataReceived(b"ping")  # client -> backend traffic
+        self.clock.advance(100)
+        far.dataReceived(b"pong")  # backend -> client traffic keeps it alive as well
+        self.clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(100)  # a whole period without a byte either way
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(self.events_with("idle for"))
