@@ -17,11 +17,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.application.service import Service
-from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -30,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connproxy import audit
+from connproxy.backend import backend_failed, track_backend_connect
 from connproxy.config import AccessRule, ConnectorConfig
 from connproxy.connector_http import HttpGateway
 from connproxy.relay import Relay, link
@@ -120,19 +118,6 @@ class _BackendFactory(Factory):
         return self.relay
 
 
-def reset_code_for(failure: Failure) -> ErrorCode:
-    """The RESET code for a failed backend connection."""
-    if failure.check(ierror.ConnectionRefusedError):
-        return ErrorCode.CONNECT_REFUSED
-    if failure.check(ierror.TimeoutError, DeferredTimeoutError, CancelledError):
-        return ErrorCode.CONNECT_TIMEOUT
-    if failure.check(SSL.Error):
-        return ErrorCode.TLS_ERROR
-    if failure.check(ierror.DNSLookupError, ierror.NoRouteError, ierror.ConnectError):
-        return ErrorCode.HOST_UNREACHABLE
-    return ErrorCode.HOST_UNREACHABLE
-
-
 class BackendDialer:
     """Serves streams the proxy opens: access control, backend connect, relay."""
 
@@ -149,7 +134,7 @@ class BackendDialer:
         self.config = config
         self.audit_writer = audit_writer
         self._endpoint_for = endpoint_for or self._default_endpoint
-        self.http = HttpGateway(reactor, config, self._endpoint_for, reset_code_for, audit_writer)
+        self.http = HttpGateway(reactor, config, self._endpoint_for, audit_writer)
 
     def _default_endpoint(self, rule: AccessRule, host: str, port: int) -> IStreamClientEndpoint:
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
@@ -170,7 +155,6 @@ class BackendDialer:
         if request.kind == "http":
             self.http.handle(tunnel, stream)
             return
-        meta = request.meta
         rule = self.config.find_rule(request.host, request.port)
         target = f"{request.host}:{request.port}"
         if rule is None or rule.protocol not in ("TCP", "TCP_TLS") or request.kind != "tcp":
@@ -198,21 +182,10 @@ class BackendDialer:
                 return
             tunnel.accept(stream, near)
 
-        def on_failure(failure: Failure) -> None:
-            if stream.closed:
-                return
-            code = reset_code_for(failure)
-            self.log.info(
-                "backend {internal} for {target} (subaccount {tenant}) unreachable: {code} {error}",
-                internal=f"{rule.internal_host}:{internal_port}", target=target, tenant=meta.get("tenant"),
-                code=code.name, error=failure.getErrorMessage(),
-            )
-            tunnel.reset_stream(stream.stream_id, code, failure.getErrorMessage()[:200])
-            stream.reset(code, "backend connect failed")
-
-        ready.addCallbacks(on_ready, on_failure)
-        tunnel.pending_connects[stream.stream_id] = ready
-        ready.addBoth(lambda r: (tunnel.pending_connects.pop(stream.stream_id, None), r)[1])
+        ready.addCallbacks(
+            on_ready, backend_failed, errbackArgs=(tunnel, stream, f"{rule.internal_host}:{internal_port}")
+        )
+        track_backend_connect(tunnel, stream, ready)
 
     def _decide(self, allowed: bool, stream: TunnelStream, why: str) -> None:
         request = stream.request
@@ -287,7 +260,7 @@ class ConnectorTunnel(TunnelConnection):
     def tunnel_lost(self, reason: Failure | None) -> None:
         """Cancel backend connects in flight and let the service reconnect."""
         pending, self.pending_connects = self.pending_connects, {}
-        for d in pending.values():
+        for d in list(pending.values()):
             d.cancel()
         self.service.tunnel_down(self, reason)
 

@@ -13,7 +13,7 @@ vhost:vport``.
 An allowed request gets a backend connection from :class:`BackendPool` (idle keep-alive connections per
 backend, bounded in number and idle time; new ones through the dialer's endpoint, TLS with certificate
 verification for ``HTTPS``), and the stream is accepted once it is ready; a failed connection is a RESET with
-the code of :func:`connproxy.connector.reset_code_for` (the proxy answers 502 or 504).
+the code of :func:`connproxy.backend.reset_code_for` (the proxy answers 502 or 504).
 
 On the accepted stream, :class:`HttpStreamServer` (h11 ``SERVER``) reads the request, checks that it is the
 one the OPEN described, and writes it to the backend with :class:`HttpBackend`'s h11 ``CLIENT`` connection:
@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connproxy import audit
+from connproxy.backend import backend_failed, reset_code_for, track_backend_connect
 from connproxy.config import AccessRule, ConnectorConfig, Resource
 from connproxy.http_proxy import (
     H11Relay,
@@ -476,7 +477,7 @@ class HttpStreamServer(H11Relay):
 
         def failed(failure: Failure) -> None:
             if not self.finished:
-                self._reset(self.gateway.reset_code_for(failure), failure.getErrorMessage()[:200])
+                self._reset(reset_code_for(failure), failure.getErrorMessage()[:200])
 
         d.addCallbacks(ready, failed)
 
@@ -544,14 +545,12 @@ class HttpGateway:
         clock: IReactorTime,
         config: ConnectorConfig,
         endpoint_for: Callable[[AccessRule, str, int], IStreamClientEndpoint],
-        reset_code_for: Callable[[Failure], ErrorCode],
         audit_writer: audit.AuditWriter | None = None,
         pool: BackendPool | None = None,
     ) -> None:
         self.clock = clock
         self.config = config
         self.endpoint_for = endpoint_for
-        self.reset_code_for = reset_code_for
         self.audit_writer = audit_writer
         self.pool = pool or BackendPool(clock)
 
@@ -606,24 +605,11 @@ class HttpGateway:
             server = HttpStreamServer(self, rule, resource, request, method, target, upgrade, backend)
             tunnel.accept(stream, server)
 
-        def on_failure(failure: Failure) -> None:
-            if stream.closed:
-                return
-            code = self.reset_code_for(failure)
-            self.log.info(
-                "backend {internal} for {system} (subaccount {tenant}) unreachable: {code} {error}",
-                internal=f"{rule.internal_host}:{internal_port}", system=system, tenant=meta.get("tenant"),
-                code=code.name, error=failure.getErrorMessage(),
-            )
-            tunnel.reset_stream(stream.stream_id, code, failure.getErrorMessage()[:200])
-            stream.reset(code, "backend connect failed")
-
-        ready.addCallbacks(on_ready, on_failure)
+        ready.addCallbacks(
+            on_ready, backend_failed, errbackArgs=(tunnel, stream, f"{rule.internal_host}:{internal_port}")
+        )
         ready.addErrback(lambda f: self.log.failure("HTTP gateway bug on {system}", f, system=system))
-        pending = getattr(tunnel, "pending_connects", None)
-        if pending is not None:
-            pending[stream.stream_id] = ready
-            ready.addBoth(lambda r: (pending.pop(stream.stream_id, None), r)[1])
+        track_backend_connect(tunnel, stream, ready)
 
     def connect_backend(self, rule: AccessRule, port: int, *, fresh: bool = False) -> Deferred[HttpBackend]:
         """A ready backend connection for ``rule``'s internal host and ``port``: an idle one from the pool unless

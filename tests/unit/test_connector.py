@@ -19,8 +19,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from connproxy.backend import reset_code_for
 from connproxy.config import AccessRule, ConnectorConfig, connector_config_from_mapping
-from connproxy.connector import BackendDialer, ConnectorService, ConnectorTunnel, backoff_delay, reset_code_for
+from connproxy.connector import BackendDialer, ConnectorService, ConnectorTunnel, backoff_delay
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import (
     DataReceived,

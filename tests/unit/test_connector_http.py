@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from connproxy.config import AccessRule, ConnectorConfig, Resource
-from connproxy.connector import BackendDialer, reset_code_for
+from connproxy.connector import BackendDialer
 from connproxy.connector_http import BackendPool, HttpGateway, rewrite_location
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import OpenRequest
@@ -121,7 +121,6 @@ class Setup:
         self.backends = Backends()
         self.config = ConnectorConfig(connector_id="c1", access_control=RULES)
         self.gateway = HttpGateway(self.clock, self.config, self.backends.endpoint_for,  # type: ignore[arg-type]
-                                   reset_code_for,
                                    audit_writer=self.audit.append)
         self.tunnel = FakeTunnel()
         self.next_id = 2

@@ -1,0 +1,62 @@
+"""Connector side: what happens when a backend connection fails, shared by the TCP and HTTP paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from connproxy.tunnel.stream import TunnelStream
+from connproxy.wire.errors import ErrorCode
+
+_log = Logger(namespace="connproxy.connector")
+
+
+def reset_code_for(failure: Failure) -> ErrorCode:
+    """The RESET code for a failed backend connection."""
+    if failure.check(ierror.ConnectionRefusedError):
+        return ErrorCode.CONNECT_REFUSED
+    if failure.check(ierror.TimeoutError, DeferredTimeoutError, CancelledError):
+        return ErrorCode.CONNECT_TIMEOUT
+    if failure.check(SSL.Error):
+        return ErrorCode.TLS_ERROR
+    if failure.check(ierror.DNSLookupError, ierror.NoRouteError, ierror.ConnectError):
+        return ErrorCode.HOST_UNREACHABLE
+    return ErrorCode.HOST_UNREACHABLE
+
+
+def backend_failed(failure: Failure, tunnel: Any, stream: TunnelStream, internal: str) -> None:
+    """A backend connection for ``stream`` failed: log it and RESET the stream with the matching code.
+
+    Shared by the TCP path (:class:`BackendDialer`) and the HTTP gateway (``connector_http``).
+    """
+    if stream.closed:
+        return
+    code = reset_code_for(failure)
+    request = stream.request
+    _log.info(
+        "backend {internal} for {target} (subaccount {tenant}) unreachable: {code} {error}",
+        internal=internal, target=f"{request.host}:{request.port}", tenant=request.meta.get("tenant"),
+        code=code.name, error=failure.getErrorMessage(),
+    )
+    tunnel.reset_stream(stream.stream_id, code, failure.getErrorMessage()[:200])
+    stream.reset(code, "backend connect failed")
+
+
+def track_backend_connect(tunnel: Any, stream: TunnelStream, connecting: Deferred[Any]) -> None:
+    """Remember a backend connect in flight, so that losing the tunnel cancels it."""
+    pending: dict[int, Deferred[Any]] | None = getattr(tunnel, "pending_connects", None)
+    if pending is None:
+        return
+    pending[stream.stream_id] = connecting
+
+    def done(result: object) -> object:
+        pending.pop(stream.stream_id, None)
+        return result
+
+    connecting.addBoth(done)
