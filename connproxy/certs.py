@@ -483,7 +483,7 @@ def load_key_pem(path: str | os.PathLike[str]) -> PrivateKeyTypes:
         raise ValueError(f"{os.fspath(path)}: not a PEM private key ({exc})") from None
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+def atomic_write(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -514,8 +514,8 @@ def write_pem_pair(
 
     :raises OSError: a file cannot be written (the containing directory must exist).
     """
-    _atomic_write(Path(key_path), key_to_pem(key), 0o600)
-    _atomic_write(Path(crt_path), cert_to_pem(cert), 0o644)
+    atomic_write(Path(key_path), key_to_pem(key), 0o600)
+    atomic_write(Path(crt_path), cert_to_pem(cert), 0o644)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -564,10 +564,10 @@ class TestPKI:
         """
         files = _pki_files(Path(directory))
         files.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(files.ca_key, self.ca_key_pem, 0o600)
-        _atomic_write(files.ca_cert, self.ca_cert_pem, 0o644)
-        _atomic_write(files.proxy_key, self.server_key_pem, 0o600)
-        _atomic_write(files.proxy_cert, self.server_cert_pem, 0o644)
+        atomic_write(files.ca_key, self.ca_key_pem, 0o600)
+        atomic_write(files.ca_cert, self.ca_cert_pem, 0o644)
+        atomic_write(files.proxy_key, self.server_key_pem, 0o600)
+        atomic_write(files.proxy_cert, self.server_cert_pem, 0o644)
         return files
 
 

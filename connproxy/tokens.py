@@ -32,6 +32,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from connproxy.certs import atomic_write
+
 __all__ = [
     "SIGNING_KEY_FILE",
     "TOKEN_KEYS_FILE",
@@ -102,21 +104,6 @@ def _write_new(path: Path, data: bytes, mode: int) -> bool:
         os.unlink(tmp)
 
 
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` atomically (temp file + rename), replacing any old content."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _load_key(path: Path) -> rsa.RSAPrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
@@ -138,7 +125,7 @@ def _ensure_jwks(path: Path, jwk: Mapping[str, str]) -> None:
                 return
     except (OSError, ValueError, AttributeError, TypeError):
         pass
-    _replace(path, (json.dumps({"keys": [dict(jwk)]}, indent=2) + "\n").encode("ascii"), 0o644)
+    atomic_write(path, (json.dumps({"keys": [dict(jwk)]}, indent=2) + "\n").encode("ascii"), 0o644)
 
 
 def load_or_create_signing_key(dir: str | os.PathLike[str]) -> tuple[rsa.RSAPrivateKey, str]:
