@@ -105,3 +105,83 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         return b""
+
+
+CHUNK = 1 << 20
+
+
+def parse_size(text: str) -> int:
+    """``1GiB``, ``64MiB``, ``512KiB`` or a plain number of bytes."""
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(text)
+
+
+def send_all(sock: socket.socket, total: int) -> None:
+    """Send ``total`` pseudo-random bytes."""
+    block = memoryview(os.urandom(CHUNK))
+    left = total
+    while left:
+        n = min(left, CHUNK)
+        sock.sendall(block[:n])
+        left -= n
+
+
+def receive_all(sock: socket.socket) -> int:
+    """Read until EOF; return the byte count."""
+    buf = bytearray(CHUNK)
+    got = 0
+    while True:
+        n = sock.recv_into(buf)
+        if not n:
+            return got
+        got += n
+
+
+def one_shot_backend(kind: str, total: int) -> int:
+    """Start a one-connection backend thread on 127.0.0.1 and return its port.
+
+    ``sink`` counts what it receives and answers the count (8 bytes, big-endian); ``source`` sends ``total``
+    bytes and half-closes. The listener gives up after 60 s without a connection.
+    """
+    import struct
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(60)
+
+    def serve() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(120)
+                if kind == "sink":
+                    conn.sendall(struct.pack(">Q", receive_all(conn)))
+                else:
+                    send_all(conn, total)
+                    conn.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+def measure(kind: str, sock: socket.socket, total: int) -> float:
+    """Upload to a sink or download from a source through ``sock``; return MB/s (checked byte counts)."""
+    import struct
+
+    start = time.perf_counter()
+    if kind == "sink":
+        send_all(sock, total)
+        sock.shutdown(socket.SHUT_WR)
+        count = struct.unpack(">Q", sock.recv(8))[0]
+    else:
+        count = receive_all(sock)
+    elapsed = time.perf_counter() - start
+    sock.close()
+    if count != total:
+        raise SystemExit(f"{kind}: moved {count} bytes, expected {total}")
+    return round(total / elapsed / 1e6, 1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free_port, mint, proxy_and_connector, vm_hwm_mib, write_configs
+from common import free_port, mint, parse_size, proxy_and_connector, vm_hwm_mib, write_configs
 
 NGINX_CONF = """
 daemon off;
@@ -39,19 +39,11 @@ http {{
 """
 
 
-def size(text: str) -> int:
-    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-    for suffix, factor in units.items():
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * factor)
-    return int(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--download", type=size, default=size("1GiB"))
+    parser.add_argument("--download", type=parse_size, default=parse_size("1GiB"))
     parser.add_argument("--json")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="connproxy-http-bench-"))

@@ -13,18 +13,15 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free_port, vm_hwm_mib
-from tcp_throughput import CHUNK, backend, parse_size
+from common import free_port, measure, one_shot_backend, parse_size, vm_hwm_mib
 
 
 def descendants(pid: int) -> list[int]:
@@ -77,43 +74,16 @@ def main() -> int:
     clients: list[subprocess.Popen[bytes]] = []
     try:
         time.sleep(0.5)
-        for kind in ("sink", "source"):
-            ready = threading.Event()
-            backend_port: list[int] = []
-            outcome: dict[str, float] = {}
-            threading.Thread(target=backend, args=(kind, total, ready, backend_port, outcome), daemon=True).start()
-            ready.wait(10)
+        for kind, label in (("sink", "upload_MBps"), ("source", "download_MBps")):
+            backend_port = one_shot_backend(kind, total)
             forwarded = free_port()
             client = subprocess.Popen([
                 "ssh", "-N", "-p", str(port), "-i", str(tmp / "user"), "-o", "StrictHostKeyChecking=no",
                 "-o", f"UserKnownHostsFile={tmp}/known_hosts", "-o", "ExitOnForwardFailure=yes",
-                "-R", f"127.0.0.1:{forwarded}:127.0.0.1:{backend_port[0]}", "root@127.0.0.1",
+                "-R", f"127.0.0.1:{forwarded}:127.0.0.1:{backend_port}", "root@127.0.0.1",
             ], stderr=subprocess.DEVNULL)
             clients.append(client)
-            s = connect(forwarded)
-            start = time.perf_counter()
-            if kind == "sink":
-                block = memoryview(os.urandom(CHUNK))
-                left = total
-                while left:
-                    n = min(left, CHUNK)
-                    s.sendall(block[:n])
-                    left -= n
-                s.shutdown(socket.SHUT_WR)
-                count = struct.unpack(">Q", s.recv(8))[0]
-                assert count == total, (count, total)
-                results["upload_MBps"] = round(total / (time.perf_counter() - start) / 1e6, 1)
-            else:
-                buf = bytearray(CHUNK)
-                got = 0
-                while True:
-                    n = s.recv_into(buf)
-                    if not n:
-                        break
-                    got += n
-                assert got == total, (got, total)
-                results["download_MBps"] = round(total / (time.perf_counter() - start) / 1e6, 1)
-            s.close()
+            results[label] = measure(kind, connect(forwarded), total)
             results[f"ssh_client_peak_rss_MiB_{kind}"] = vm_hwm_mib(client.pid)
             results[f"sshd_session_peak_rss_MiB_{kind}"] = max(
                 (vm_hwm_mib(p) for p in descendants(daemon.pid)), default=-1
