@@ -303,3 +303,23 @@ def test_tcp_tls_mapping_verifies_the_backend(stack: Stack) -> Any:
     yield client.done
     _c, reply = yield socks_connect(stack.socks_port, "mitm.internal", 443)
     assert reply == 0x04
+
+
+@pytest_twisted.inlineCallbacks
+def test_connector_verifies_the_proxy_name_and_the_proxy_verifies_the_connector_ca(stack: Stack) -> Any:
+    """A proxy certificate for another name is refused by the connector (service-identity), and a connector
+    certificate from a foreign CA is refused by the proxy's TLS: neither registers, both keep retrying."""
+    from connproxy.certs import mint_test_pki
+
+    stack.start_proxy()
+    wrong_name = stack.start_connector(connector_id="wrong-name", proxy={"serverName": "other.example"})
+    foreign = mint_test_pki()
+    cert, key = foreign.connector("tenant-a", None)
+    (stack.tmp / "foreign.crt").write_bytes(cert)
+    (stack.tmp / "foreign.key").write_bytes(key)
+    impostor = stack.start_connector(connector_id="foreign-ca", tls={
+        "certFile": str(stack.tmp / "foreign.crt"), "keyFile": str(stack.tmp / "foreign.key")})
+    yield wait_for(lambda: wrong_name.connections >= 3 and impostor.connections >= 3, timeout=10)
+    assert stack.proxy.registry.count() == 0
+    assert wrong_name.tunnel is None or wrong_name.tunnel.established_at is None
+    assert impostor.tunnel is None or impostor.tunnel.established_at is None
