@@ -127,6 +127,9 @@ _SERVICE_TOKEN_SENTENCES: Final[Mapping[str, str]] = {
 }
 
 
+_ZID_QUERY = re.compile(r"zid=[A-Za-z0-9-]{1,64}")
+
+
 class AuthError(Exception):
     """A proxy call is refused; :attr:`reason` says why, in one short, client-safe code.
 
@@ -703,6 +706,17 @@ class KeyStore:
         scheme, host = checked
         if not (host == domain or host.endswith("." + domain)) or not self._scheme_allowed(scheme, host):
             raise AuthError("untrusted_key_url")
+        # XSUAA's key URL is https://<subdomain>.<uaaDomain>/token_keys, optionally with ?zid=<zone id>: any
+        # other path or query would let tokens make the proxy fetch from (and cache) endless distinct URLs.
+        parsed = urlsplit(jku)
+        if (
+            parsed.path != "/token_keys"
+            or parsed.fragment
+            or parsed.username
+            or parsed.password
+            or (parsed.query and not _ZID_QUERY.fullmatch(parsed.query))
+        ):
+            raise AuthError("untrusted_key_url")
         return jku
 
     def get_key(self, *, kid: str | None, jku: str | None, alg: str) -> Deferred[jwt.PyJWK]:
@@ -1007,6 +1021,9 @@ class Authorizer:
         :param service_token: the ``SAP-CP-Connectivity-Service-Token`` value (a leading ``Bearer`` is
             tolerated); used only in trusted shared mode. For SOCKS5 pass the 0x80 token here too.
         """
+        if self._verifier is None:
+            # Trusted mode decides synchronously: skip the coroutine machinery (once per proxied request).
+            return maybeDeferred(self._trusted, service_token)
         return Deferred.fromCoroutine(self._authorize(proxy_token, service_token))
 
     async def _authorize(self, proxy_token: str | None, service_token: str | None) -> Caller:

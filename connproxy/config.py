@@ -388,12 +388,16 @@ class AccessRule:
     def allows_path(self, path: str) -> Resource | None:
         """The first resource that admits the request ``path``, or ``None`` (access denied).
 
-        The query string and fragment are ignored; ``""`` counts as ``/``. Paths not starting with ``/``
-        and paths with ``.``/``..`` segments (literal or percent-encoded) are always refused. Matching is
+        The query string is ignored; ``""`` counts as ``/``. Paths not starting with ``/``, paths with a
+        fragment (``#``) and paths with ``.``/``..`` segments (literal or percent-encoded) are always refused. Matching is
         case-sensitive and on the path as sent (write percent-encoded characters in resources the same
         way). TCP rules have no resources, so this returns ``None`` for them.
         """
-        path = path.split("#", 1)[0].split("?", 1)[0] or "/"
+        if "#" in path:
+            # A fragment never belongs in a request target; a backend that does not cut it off might
+            # normalise "/api#/../admin" to "/admin".
+            return None
+        path = path.split("?", 1)[0] or "/"
         if not path.startswith("/") or _has_dot_segment(path):
             return None
         for resource in self.resources:

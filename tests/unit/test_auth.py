@@ -707,6 +707,9 @@ def test_jku_in_uaa_domain_is_fetched(clock: Clock, rsa_key: rsa.RSAPrivateKey) 
         f"https://tenant.{UAA} /token_keys",
         "http://localhost/token_keys",
         "",
+        f"https://tenant.{UAA}/token_keys/1",  # only /token_keys: no endless distinct URLs to fetch and cache
+        f"https://tenant.{UAA}/token_keys?n=1",
+        f"https://tenant.{UAA}/token_keys?zid=a&n=1",
     ],
 )
 def test_jku_outside_uaa_domain_refused(clock: Clock, rsa_key: rsa.RSAPrivateKey, jku: str) -> None:
@@ -757,17 +760,17 @@ def test_remembered_jku_urls_are_bounded(clock: Clock, rsa_key: rsa.RSAPrivateKe
     fetcher = FakeFetcher(hold=True)
     store = KeyStore(reactor=clock, uaa_domain=UAA, fetch=fetcher, max_key_urls=2)
     verifier = verifier_for(clock, store)
-    first = verifier.verify(jku_token(rsa_key, f"https://t1.{UAA}/k"))
-    second = verifier.verify(jku_token(rsa_key, f"https://t2.{UAA}/k"))
+    first = verifier.verify(jku_token(rsa_key, f"https://t1.{UAA}/token_keys"))
+    second = verifier.verify(jku_token(rsa_key, f"https://t2.{UAA}/token_keys"))
     # Both URLs are being fetched: a third cannot be remembered.
-    assert refusal(verifier.verify(jku_token(rsa_key, f"https://t3.{UAA}/k"))).reason == "key_fetch_failed"
+    assert refusal(verifier.verify(jku_token(rsa_key, f"https://t3.{UAA}/token_keys"))).reason == "key_fetch_failed"
     for d in fetcher.pending:
         d.callback(jwks_bytes(jwk_of(rsa_key, "k1")))
     assert result_of(first) and result_of(second)
     # Now idle: the least recently used one makes room.
     fetcher.hold = False
-    fetcher.bodies[f"https://t3.{UAA}/k"] = jwks_bytes(jwk_of(rsa_key, "k1"))
-    assert result_of(verifier.verify(jku_token(rsa_key, f"https://t3.{UAA}/k")))
+    fetcher.bodies[f"https://t3.{UAA}/token_keys"] = jwks_bytes(jwk_of(rsa_key, "k1"))
+    assert result_of(verifier.verify(jku_token(rsa_key, f"https://t3.{UAA}/token_keys")))
     assert len(fetcher.calls) == 3
 
 
