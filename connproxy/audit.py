@@ -60,6 +60,8 @@ _MAX_PATH_CHARS: Final = 2048
 AuditWriter = Callable[[str], None]
 
 _log = Logger()
+#: ``json.dumps(..., ensure_ascii=True, separators=(",", ":"))`` without building an encoder per event.
+_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
 
 def stdout_writer(line: str) -> None:
@@ -117,7 +119,7 @@ def format_event(
             details_key: {k: _cut(v) if isinstance(v, str) else v for k, v in details.items()},
         },
     }
-    return AUDIT_PREFIX + json.dumps(event, ensure_ascii=True, separators=(",", ":"))
+    return AUDIT_PREFIX + _encode(event)
 
 
 def emit_event(

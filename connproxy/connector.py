@@ -18,8 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.abstract import isIPAddress
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -111,6 +112,8 @@ class BackendRelay(Relay):
 
 
 class _BackendFactory(Factory):
+    noisy = False  # one factory per backend connection: no "Starting/Stopping factory" log lines
+
     def __init__(self, relay: BackendRelay) -> None:
         self.relay = relay
 
@@ -137,9 +140,14 @@ class BackendDialer:
         self.http = HttpGateway(reactor, config, self._endpoint_for, audit_writer)
 
     def _default_endpoint(self, rule: AccessRule, host: str, port: int) -> IStreamClientEndpoint:
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            self.reactor, host, port, timeout=self.config.backend.connect_timeout_seconds
-        )
+        timeout = self.config.backend.connect_timeout_seconds
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):
+            # An IPv4 literal resolves to itself: HostnameEndpoint would make exactly this endpoint, but only after
+            # a getaddrinfo round trip through the reactor's thread pool (and a new zope class per connect).
+            endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=timeout)
+        else:
+            endpoint = HostnameEndpoint(self.reactor, host, port, timeout=timeout)
         if rule.protocol in ("TCP_TLS", "HTTPS"):
             from connproxy.tls import backend_options
 

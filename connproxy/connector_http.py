@@ -53,6 +53,7 @@ from connproxy.http_proxy import (
     H11Relay,
     forwarded_request_headers,
     forwarded_response_headers,
+    header_list,
     send_event,
     upgrade_of,
 )
@@ -199,6 +200,10 @@ class HttpBackend(H11Relay):
 
 
 class _BackendFactory(Factory):
+    #: One factory per backend connection: Twisted's "Starting/Stopping factory" lines would cost two log events
+    #: per connection (as much as the audit line of the request itself).
+    noisy = False
+
     def __init__(self, backend: HttpBackend) -> None:
         self.backend = backend
 
@@ -358,9 +363,10 @@ class HttpStreamServer(H11Relay):
             pass  # the proxy's FIN after the request: expected
 
     def _backend_headers(self, request: h11.Request) -> list[tuple[bytes, bytes]]:
-        upgrade = upgrade_of(request.headers)
-        forwarded = forwarded_request_headers(request.headers, upgrade)
-        virtual_host = next((v for n, v in request.headers if n == b"host"), None)
+        request_headers = header_list(request.headers)
+        upgrade = upgrade_of(request_headers)
+        forwarded = forwarded_request_headers(request_headers, upgrade)
+        virtual_host = next((v for n, v in request_headers if n == b"host"), None)
         if virtual_host is None:
             shown = f"[{self.virtual_host}]" if ":" in self.virtual_host else self.virtual_host
             virtual_host = f"{shown}:{self.virtual_port}".encode("ascii", "replace")

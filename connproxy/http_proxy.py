@@ -101,6 +101,15 @@ _REASONS = {
 # ---------------------------------------------------------------------------------------------------- headers
 
 
+def header_list(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` as a plain list of ``(name, value)`` pairs.
+
+    An ``h11.Headers`` is a ``collections.abc.Sequence`` that iterates through ``__getitem__``, one Python call
+    per header: a message's headers are scanned several times per request, so they are listed once.
+    """
+    return headers if type(headers) is list else list(headers)
+
+
 def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
@@ -116,6 +125,7 @@ def header_values(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[b
 
 def upgrade_of(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     """The ``Upgrade`` value of a message that asks for a protocol switch (``Connection: upgrade``), else None."""
+    headers = header_list(headers)
     if b"upgrade" not in _connection_tokens(headers):
         return None
     values = header_values(headers, b"upgrade")
@@ -146,6 +156,7 @@ def forwarded_request_headers(headers: Sequence[tuple[bytes, bytes]], upgrade: b
 
     ``Content-Length`` goes where ``Transfer-Encoding`` is present (a request must not carry both onwards).
     """
+    headers = header_list(headers)
     chunked = is_chunked(headers)
     out = end_to_end_headers(headers, drop=(b"content-length",) if chunked else ())
     if chunked:
@@ -157,14 +168,16 @@ def forwarded_request_headers(headers: Sequence[tuple[bytes, bytes]], upgrade: b
 
 def forwarded_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
     """The end-to-end headers of a response to pass on; h11 frames it again (chunked where no length is known)."""
+    headers = header_list(headers)
     return end_to_end_headers(headers, drop=(b"content-length",) if is_chunked(headers) else ())
 
 
 def has_body(request: h11.Request) -> bool:
     """Whether a request announces a body (``Transfer-Encoding``, or a ``Content-Length`` other than 0)."""
-    if header_values(request.headers, b"transfer-encoding"):
+    headers = header_list(request.headers)
+    if header_values(headers, b"transfer-encoding"):
         return True
-    return any(v.strip() not in (b"0", b"") for v in header_values(request.headers, b"content-length"))
+    return any(v.strip() not in (b"0", b"") for v in header_values(headers, b"content-length"))
 
 
 def split_authority(authority: str, default_port: int | None) -> tuple[str, int]:
@@ -635,11 +648,12 @@ class HttpProxyProtocol(H11Relay):
     def _parse(self, ex: _Exchange) -> None:
         """Fill in the target and routing data of ``ex`` from its request; raise :class:`HttpError` to refuse."""
         request = ex.request
+        headers = header_list(request.headers)
         limit = self.factory.max_line_bytes
         if len(request.method) + len(request.target) + 10 > limit:
             raise HttpError(414, f"request line longer than {limit} bytes")
         head = len(request.method) + len(request.target) + 12
-        for name, value in request.headers:
+        for name, value in headers:
             if len(name) + len(value) + 2 > limit:
                 raise HttpError(431, f"header line {name.decode('latin-1')[:64]} longer than {limit} bytes")
             head += len(name) + len(value) + 4
@@ -657,7 +671,7 @@ class HttpProxyProtocol(H11Relay):
                 raise HttpError(400, f"CONNECT target must be host:port, got {target[:200]}") from None
             ex.connect = True
         elif target.startswith("/"):
-            host = self._single(request.headers, b"host")
+            host = self._single(headers, b"host")
             if not host:
                 raise HttpError(400, "origin-form request without a Host header")
             try:
@@ -678,27 +692,27 @@ class HttpProxyProtocol(H11Relay):
             except ValueError:
                 raise HttpError(400, f"bad host in request target {target[:200]}") from None
             ex.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        ex.proxy_token = bearer_token(self._single(request.headers, H_PROXY_AUTHORIZATION))
-        service_token = self._single(request.headers, H_SERVICE_TOKEN)
+        ex.proxy_token = bearer_token(self._single(headers, H_PROXY_AUTHORIZATION))
+        service_token = self._single(headers, H_SERVICE_TOKEN)
         ex.service_token = service_token.decode("latin-1") if service_token else None
-        location = self._single(request.headers, H_LOCATION_ID)
+        location = self._single(headers, H_LOCATION_ID)
         try:
             ex.location = location.decode("utf-8").strip() if location else ""
         except UnicodeDecodeError:
             raise HttpError(400, "SAP-Connectivity-SCC-Location_ID is not UTF-8") from None
-        user = self._single(request.headers, H_USER)
-        technical = self._single(request.headers, H_TECHNICAL)
+        user = self._single(headers, H_USER)
+        technical = self._single(headers, H_TECHNICAL)
         if user and technical:
             raise HttpError(400, "send either SAP-Connectivity-Authentication (principal propagation) or "
                                  "SAP-Connectivity-Technical-Authentication (technical user propagation), "
                                  "not both")
-        if (user or technical) and header_values(request.headers, b"authorization"):
+        if (user or technical) and header_values(headers, b"authorization"):
             raise HttpError(400, "the Authorization header must be omitted when SAP-Connectivity-Authentication "
                                  "or SAP-Connectivity-Technical-Authentication propagates the user")
         for name, token in ((H_USER, user), (H_TECHNICAL, technical)):
             if token is not None and len(token) > MAX_PROPAGATED_TOKEN_BYTES:
                 raise HttpError(431, f"header {name.decode()} larger than {MAX_PROPAGATED_TOKEN_BYTES} bytes")
-        ex.upgrade = None if ex.connect else upgrade_of(request.headers)
+        ex.upgrade = None if ex.connect else upgrade_of(headers)
         meta: dict[str, Any] = {"client": self._client(), "via": "http-connect" if ex.connect else "http"}
         if not ex.connect:
             meta["http"] = {
@@ -795,10 +809,11 @@ class HttpProxyProtocol(H11Relay):
         upstream: UpstreamRelay = protocol
         ex.upstream = upstream
         request = ex.request
-        host_header = self._single(request.headers, b"host") if ex.request.target.startswith(b"/") else None
+        request_headers = header_list(request.headers)
+        host_header = self._single(request_headers, b"host") if ex.request.target.startswith(b"/") else None
         authority = host_header or _authority(ex.host, ex.port)
         headers = [(b"host", authority)]
-        headers += [(n, v) for n, v in forwarded_request_headers(request.headers, ex.upgrade) if n != b"host"]
+        headers += [(n, v) for n, v in forwarded_request_headers(request_headers, ex.upgrade) if n != b"host"]
         upstream.send(h11.Request(method=request.method, target=ex.path.encode("ascii", "replace"),
                                   headers=headers))
         self._restart_first_byte(ex)

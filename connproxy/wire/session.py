@@ -40,6 +40,8 @@ MAX_CONTROL_BACKLOG = 1 << 20
 _DATA = f.FrameType.DATA
 _pack_header = f.HEADER.pack
 _FV = f.FRAMING_VERSION
+#: ``json.dumps(value, separators=(",", ":"))`` without building an encoder per call (one OPEN per request).
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class Role(enum.Enum):
@@ -254,7 +256,7 @@ class Session:
             self._queue_control(f.PREFACE)
         else:
             body["version"] = self.version
-        payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        payload = _compact_json(body).encode("utf-8")
         self._queue_control(f.frame(f.FrameType.HELLO, 0, 0, payload))
         self._hello_sent = True
 
@@ -273,7 +275,7 @@ class Session:
         body: dict[str, Any] = {"host": request.host, "port": request.port, "kind": request.kind}
         if request.meta:
             body["meta"] = request.meta
-        payload = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        payload = _compact_json(body).encode("utf-8")
         self._streams[stream_id] = _Stream(self.peer_settings.stream_window, self.settings.stream_window, False)
         self._queue_control(f.frame(f.FrameType.OPEN, 0, stream_id, payload))
         return stream_id
