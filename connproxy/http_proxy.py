@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,8 @@ H_PROXY_AUTHORIZATION = b"proxy-authorization"
 
 #: The largest principal-propagation token carried in OPEN metadata (OPEN payloads are at most 64 KiB).
 MAX_PROPAGATED_TOKEN_BYTES = 16384
+_NEVER_HOP_BY_HOP = frozenset({b"content-length", b"host"})
+_VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+(?: [\x21-\x7e]+)?")
 
 _REASONS = {
     200: b"Connection established",
@@ -139,7 +142,9 @@ def end_to_end_headers(
     ``drop`` (lower-case names). Framing (``Content-Length`` stays; ``Transfer-Encoding`` goes) is h11's job;
     callers add ``Transfer-Encoding: chunked`` and the upgrade headers back where a message needs them."""
     items = [(n.lower(), v) for n, v in headers]
-    named = _connection_tokens(items)
+    # A header named in Connection is hop-by-hop, but never the message's framing or its Host: dropping those
+    # would change what the request means (a POST whose Content-Length is gone has no body any more).
+    named = _connection_tokens(items) - _NEVER_HOP_BY_HOP
     dropped = HOP_BY_HOP | named | frozenset(drop)
     return [
         (n, v) for n, v in items if n not in dropped and not (drop_sap and n.startswith(SAP_PREFIXES))
@@ -661,6 +666,8 @@ class HttpProxyProtocol(H11Relay):
             # h11 bounds an incomplete head only; one that arrives whole in fewer reads is measured here.
             raise HttpError(431, f"request header block larger than {self.factory.max_header_bytes} bytes")
         target = request.target.decode("ascii", "replace")
+        if "#" in target:
+            raise HttpError(400, "a request target must not contain a fragment (#)")
         if request.method == b"CONNECT":
             if not self.factory.allow_connect:
                 raise HttpError(405, "CONNECT is not allowed on this proxy (allowConnect is false)",
@@ -712,6 +719,9 @@ class HttpProxyProtocol(H11Relay):
         for name, token in ((H_USER, user), (H_TECHNICAL, technical)):
             if token is not None and len(token) > MAX_PROPAGATED_TOKEN_BYTES:
                 raise HttpError(431, f"header {name.decode()} larger than {MAX_PROPAGATED_TOKEN_BYTES} bytes")
+            if token is not None and not _VISIBLE_ASCII.fullmatch(token):
+                # A bearer token is visible ASCII; anything else would also grow in the OPEN's JSON.
+                raise HttpError(400, f"header {name.decode()} must be visible ASCII (Bearer <token>)")
         ex.upgrade = None if ex.connect else upgrade_of(headers)
         meta: dict[str, Any] = {"client": self._client(), "via": "http-connect" if ex.connect else "http"}
         if not ex.connect:
@@ -733,7 +743,7 @@ class HttpProxyProtocol(H11Relay):
 
     def _auth_failed(self, failure: Failure, ex: _Exchange) -> None:
         ex.pending = None
-        if not self._current(ex):
+        if not self._current(ex) or failure.check(CancelledError):
             return
         error = failure.value
         if not isinstance(error, AuthError):

@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from connproxy.tunnel.errors import OpenTimeoutError, StreamRefusedError, TunnelLostError
 from connproxy.tunnel.stream import TunnelStream
-from connproxy.wire.errors import ErrorCode, ProtocolError
+from connproxy.wire.errors import ErrorCode, OpenTooLargeError, ProtocolError
 from connproxy.wire.events import (
     DataReceived,
     Event,
@@ -260,7 +260,10 @@ class TunnelConnection(Protocol):
         """
         if self.lost or not self.session.can_open():
             return fail(StreamRefusedError(ErrorCode.REFUSED_STREAM, "tunnel not accepting new streams"))
-        stream_id = self.session.open_stream(request)
+        try:
+            stream_id = self.session.open_stream(request)
+        except OpenTooLargeError as e:
+            return fail(StreamRefusedError(ErrorCode.FRAME_SIZE_ERROR, str(e)))
         self.streams[stream_id] = TunnelStream(self, stream_id, request)
 
         def cancel(d: Deferred[Protocol]) -> None:

@@ -58,3 +58,7 @@ class ProtocolError(TunnelError):
 
 class StreamStateError(TunnelError):
     """The local application asked for something the stream's state does not allow (a local bug)."""
+
+
+class OpenTooLargeError(TunnelError):
+    """The target and metadata of a stream do not fit in one OPEN frame (a local limit, not the peer's fault)."""

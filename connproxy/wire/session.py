@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from connproxy.wire import frames as f
-from connproxy.wire.errors import ErrorCode, ProtocolError, StreamStateError
+from connproxy.wire.errors import ErrorCode, OpenTooLargeError, ProtocolError, StreamStateError
 from connproxy.wire.events import (
     DataReceived,
     Event,
@@ -267,15 +267,19 @@ class Session:
 
         :raises StreamStateError: if the handshake is not done, a GOAWAY was sent or received, or the peer's
             ``max_streams`` is reached (check :meth:`can_open` first).
+        :raises OpenTooLargeError: the encoded OPEN payload would exceed the 64 KiB the peer must accept (nothing
+            is queued; the session is unaffected).
         """
         if not self.can_open():
             raise StreamStateError("cannot open a stream now")
-        stream_id = self._next_id
-        self._next_id += 2
         body: dict[str, Any] = {"host": request.host, "port": request.port, "kind": request.kind}
         if request.meta:
             body["meta"] = request.meta
         payload = _compact_json(body).encode("utf-8")
+        if len(payload) > f.MAX_CONTROL_PAYLOAD:
+            raise OpenTooLargeError(f"OPEN payload of {len(payload)} bytes exceeds {f.MAX_CONTROL_PAYLOAD}")
+        stream_id = self._next_id
+        self._next_id += 2
         self._streams[stream_id] = _Stream(self.peer_settings.stream_window, self.settings.stream_window, False)
         self._queue_control(f.frame(f.FrameType.OPEN, 0, stream_id, payload))
         return stream_id

@@ -289,6 +289,10 @@ def test_origin_form_needs_host() -> None:
         (GET + b"X-Long: " + b"x" * 8200 + b"\r\n\r\n", 431, b"header line x-long longer than 8192"),
         (GET + b"".join(b"X-%d: %s\r\n" % (i, b"y" * 4000) for i in range(20)) + b"\r\n", 431,
          b"header block larger than 65536"),
+        # A fragment would slip past the connector's path check on a backend that does not cut it off.
+        (b"GET /api#/../admin HTTP/1.1\r\nHost: erp.internal\r\n\r\n", 400, b"fragment"),
+        # Non-ASCII bytes in a propagated token would grow sixfold in the OPEN's JSON (and are no JWT).
+        (GET + b"SAP-Connectivity-Authentication: Bearer " + b"\xff" * 8000 + b"\r\n\r\n", 400, b"visible ASCII"),
     ],
 )
 def test_refusals(request_bytes: bytes, status: int, text: bytes) -> None:
@@ -531,3 +535,11 @@ def test_chunked_answer_to_an_http_1_0_client_is_close_delimited() -> None:
     raw = c.take()
     assert b"transfer-encoding" not in raw.lower() and raw.endswith(b"\r\n\r\nhello")
     assert c.transport.disconnecting
+
+
+def test_connection_header_cannot_strip_framing_or_host() -> None:
+    from connproxy.http_proxy import end_to_end_headers
+
+    kept = end_to_end_headers([(b"Content-Length", b"5"), (b"Host", b"h"), (b"X-A", b"1"),
+                               (b"Connection", b"content-length, host, x-a")])
+    assert kept == [(b"content-length", b"5"), (b"host", b"h")]

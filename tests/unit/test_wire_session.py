@@ -1754,3 +1754,17 @@ TunnelMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
 )
 test_tunnel_state_machine = TunnelMachine.TestCase
+
+
+def test_oversized_open_is_refused_locally_and_the_session_survives() -> None:
+    from connproxy.wire.errors import OpenTooLargeError
+    from connproxy.wire.events import OpenRequest
+
+    pair = SessionPair()
+    pair.handshake()
+    with pytest.raises(OpenTooLargeError):
+        pair.listener.open_stream(OpenRequest("h", 1, "tcp", {"blob": "\u00ff" * 20000}))
+    assert pair.listener.take_output() == []
+    stream_id = pair.listener.open_stream(OpenRequest("h", 1))
+    pair.shuttle()
+    assert pair.dialer.has_stream(stream_id)
