@@ -190,6 +190,13 @@ class BackendDialer:
                 return
             tunnel.accept(stream, near)
 
+        def abandon(failure: Failure) -> Failure:
+            # TCP may be up while TLS never finished (timeout, or the tunnel went away): close that socket too.
+            if far.transport is not None and not far._lost:
+                far.transport.abortConnection()  # type: ignore[attr-defined]
+            return failure
+
+        ready.addErrback(abandon)
         ready.addCallbacks(
             on_ready, backend_failed, errbackArgs=(tunnel, stream, f"{rule.internal_host}:{internal_port}")
         )
@@ -258,8 +265,19 @@ class ConnectorTunnel(TunnelConnection):
             )
         elif not self.session.ready:
             self.refusal = f"{event.code.name}: {event.reason}"
-        else:
+        elif event.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.NORMAL):
             self.service.tunnel_draining(self, event)
+        elif event.code == ErrorCode.REPLACED:
+            # Another connector with our connector_id and location took over: dialing again at once would make
+            # the two replace each other forever. Reconnect with backoff when this tunnel closes.
+            self.refusal = "replaced by another connector with the same connectorId and location"
+            self.log.error(
+                "the proxy replaced this tunnel with another connector's of the same connectorId {connector_id}: "
+                "give every connector its own connectorId",
+                connector_id=self.service.config.connector_id,
+            )
+        else:
+            self.refusal = f"{event.code.name}: {event.reason}"
 
     def stream_opened(self, stream: TunnelStream) -> None:
         """Serve the stream (access control, backend)."""

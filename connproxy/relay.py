@@ -146,8 +146,6 @@ class Relay(Protocol):
             else:
                 peer.transport.loseConnection()
 
-    def peer_lost_before_wiring(self, reason: Failure) -> None:
-        """Hook for subclasses: the peer connection went away before the relay was wired."""
 
 
 def _unregister(transport: Any) -> None:

@@ -9,7 +9,6 @@ send is blocked, which pauses the socket feeding it.
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Any
 
@@ -37,7 +36,7 @@ from connproxy.wire.events import (
     StreamReset,
     WindowUpdated,
 )
-from connproxy.wire.session import Role, Session, Settings
+from connproxy.wire.session import MAX_CONTROL_BACKLOG, Role, Session, Settings
 
 _PING = struct.Struct(">d")
 
@@ -78,11 +77,12 @@ class TunnelConnection(Protocol):
         self._keepalive: LoopingCall | None = None
         self._handshake_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
+        self._dead_timer: IDelayedCall | None = None
+        self._written_while_paused = 0
         self.last_received = 0.0
         self.rtt: float | None = None
         self.lost = False
         self.closed: Deferred[None] = Deferred()
-        self.bytes_received = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -101,11 +101,20 @@ class TunnelConnection(Protocol):
         self._keepalive = LoopingCall(self._keepalive_tick)
         self._keepalive.clock = self.clock
         self._keepalive.start(self.timers.ping_interval, now=False)
+        self._dead_timer = self.clock.callLater(self.timers.dead_after, self._dead_check)
+
+    def stop_tunnel_timers(self) -> None:
+        """Stop keepalive and dead-peer checks (the connection turned out not to be a tunnel)."""
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
+        if self._dead_timer is not None and self._dead_timer.active():
+            self._dead_timer.cancel()
+        self._dead_timer = None
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         """Fail pending opens, reset every stream (their relays abort) and stop the timers."""
         self.lost = True
-        for timer in (self._handshake_timer, self._abort_timer):
+        for timer in (self._handshake_timer, self._abort_timer, self._dead_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         if self._keepalive is not None and self._keepalive.running:
@@ -159,17 +168,21 @@ class TunnelConnection(Protocol):
             self.fail(ErrorCode.PROTOCOL_ERROR, "handshake timeout")
 
     def _keepalive_tick(self) -> None:
-        now = self.clock.seconds()
-        if now - self.last_received > self.timers.dead_after:
-            self.log.warn(
-                "tunnel to {peer} silent for {silent:.1f}s: closing", peer=self.describe_peer(),
-                silent=now - self.last_received,
-            )
-            self.fail(ErrorCode.KEEPALIVE_TIMEOUT, "nothing received")
-            self._abort()
-            return
-        self.session.ping(_PING.pack(now))
+        self.session.ping(_PING.pack(self.clock.seconds()))
         self._flush()
+
+    def _dead_check(self) -> None:
+        """Runs when ``dead_after`` may have passed since the last byte arrived (one lazily moved timer)."""
+        self._dead_timer = None
+        if self.lost:
+            return
+        silent = self.clock.seconds() - self.last_received
+        if silent < self.timers.dead_after:
+            self._dead_timer = self.clock.callLater(self.timers.dead_after - silent, self._dead_check)
+            return
+        self.log.warn("tunnel to {peer} silent for {silent:.1f}s: closing", peer=self.describe_peer(), silent=silent)
+        self.fail(ErrorCode.KEEPALIVE_TIMEOUT, "nothing received")
+        self._abort()
 
     def handshake_done(self) -> None:
         """Call when the HELLO exchange is complete (cancels the handshake timer)."""
@@ -182,7 +195,6 @@ class TunnelConnection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         """Feed the session and dispatch its events; a protocol error ends the tunnel."""
         self.last_received = self.clock.seconds()
-        self.bytes_received += len(data)
         self._in_receive = True
         try:
             try:
@@ -389,6 +401,17 @@ class TunnelConnection(Protocol):
             return
         chunks = self.session.take_output(include_data=force or not self._paused)
         if chunks:
+            if self._paused:
+                # Only control frames go out while the peer does not read; a peer that keeps provoking them
+                # (PING floods, OPENs to refuse) must not grow our transport buffer without bound.
+                self._written_while_paused += sum(len(c) for c in chunks)
+                if self._written_while_paused > MAX_CONTROL_BACKLOG and not force:
+                    self.log.warn(
+                        "tunnel peer {peer} is not reading while provoking control frames: aborting",
+                        peer=self.describe_peer(),
+                    )
+                    self._abort()
+                    return
             transport.writeSequence(chunks)
 
     def pauseProducing(self) -> None:
@@ -398,6 +421,7 @@ class TunnelConnection(Protocol):
     def resumeProducing(self) -> None:
         """The transport drained: write held DATA and let blocked streams go on."""
         self._paused = False
+        self._written_while_paused = 0
         self._flush()
         if not self._paused:
             self._unblock_all()
@@ -419,8 +443,3 @@ class TunnelConnection(Protocol):
             return f"{peer.host}:{peer.port}"
         except Exception:
             return "?"
-
-    @staticmethod
-    def new_ping_payload() -> bytes:
-        """Random 8 bytes (unused by the keepalive, which sends its clock; for tests and tools)."""
-        return os.urandom(8)

@@ -27,7 +27,10 @@ from connproxy.wire.session import Role, Settings
 
 MAX_CONNECTOR_ID = 128
 CAPABILITIES = ["half-close", "early-data"]
-_REASONS = {200: b"OK", 302: b"Found", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed"}
+_REASONS = {
+    200: b"OK", 302: b"Found", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout",
+}
 
 
 class ProxyTunnel(TunnelConnection):
@@ -104,6 +107,7 @@ class ProxyTunnel(TunnelConnection):
             super().dataReceived(data)
         else:
             self._mode = "http"
+            self.stop_tunnel_timers()
             self._health = h11.Connection(h11.SERVER, max_incomplete_event_size=8192)
             self._health_data(data)
 
@@ -149,13 +153,23 @@ class ProxyTunnel(TunnelConnection):
             if body and not head:
                 out += conn.send(h11.Data(data=body)) or b""
             out += conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            out = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        except h11.LocalProtocolError:  # no complete request to answer (a timeout, a broken request)
+            out = b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+                status, _REASONS.get(status, b""), len(body), body
+            )
         self.transport.write(out)
         self.close_transport()
         self.handshake_done()
 
     # ------------------------------------------------------------------ tunnel handshake
+
+    def _handshake_timed_out(self) -> None:
+        """An HTTP request on the tunnel port that is not complete in time gets 408; a tunnel its GOAWAY."""
+        if self._mode == "http" and self._health is not None:
+            self._handshake_timer = None
+            self._health_reply(408, b"request timeout\n")
+            return
+        super()._handshake_timed_out()
 
     def hello_received(self, event: HelloReceived) -> None:
         """Check the connector's identity against its certificate; register it, or refuse and audit."""

@@ -97,7 +97,11 @@ class TunnelStream:
         protocol.makeConnection(self)
         early, self._early = self._early, None
         if early:
-            for chunk in early:
+            for index, chunk in enumerate(early):
+                if self._closed:
+                    # The protocol closed the stream on earlier data: the rest is dropped, its credit returned.
+                    self.connection.acknowledge(self.stream_id, sum(len(c) for c in early[index:]))
+                    break
                 self._deliver(chunk)
         if self._remote_fin and not self._closed:
             self._notify_read_closed()
@@ -117,7 +121,7 @@ class TunnelStream:
     def _deliver(self, data: bytes) -> None:
         assert self.protocol is not None
         self.protocol.dataReceived(data)
-        if self._reading_paused:
+        if self._reading_paused and not self._closed:
             self._unacked += len(data)
         else:
             self.connection.acknowledge(self.stream_id, len(data))
@@ -299,9 +303,8 @@ class TunnelStream:
             count, self._unacked = self._unacked, 0
             self.connection.acknowledge(self.stream_id, count)
         self.connection.stream_finished(self)
-        producer, self._producer = self._producer, None
+        self._producer = None
+        self._producer_paused = False
         protocol, self.protocol = self.protocol, None
-        if producer is not None and self._producer_paused:
-            self._producer_paused = False
         if protocol is not None:
             protocol.connectionLost(reason)

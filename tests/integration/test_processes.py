@@ -189,7 +189,8 @@ def test_proxy_process_on_embedded_defaults(tmp_path: Path) -> Any:
     env = {"CONNPROXY_STATE_DIR": str(tmp_path / "state")}
     out, err, code = yield getProcessOutputAndValue(
         str(BIN / "python"), ["-c", "import socket\nfor p in (8042, 20003, 20004, 9494):\n"
-                              "    s = socket.socket(); s.bind(('127.0.0.1', p)); s.close()"], env={**os.environ})
+                              "    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                              "    s.bind(('127.0.0.1', p)); s.close()"], env={**os.environ})
     if code != 0:
         pytest.skip("default ports are busy on this machine")
     proxy = spawn([str(BIN / "twistd"), "-n", "--pidfile=", "--logfile=-", "connproxy"], env)

@@ -289,6 +289,20 @@ class DialLoopTests(SynchronousTestCase):
         self.assertEqual(svc.attempt, 0)
         self.assertFalse(tunnel.lost)  # the old tunnel finishes its streams
 
+    def test_replaced_tunnel_does_not_redial_at_once(self) -> None:
+        """Two connectors with one connectorId would replace each other forever if REPLACED redialled at once."""
+        endpoints = EndpointFactory("ok", default="hang")
+        svc = self.service(endpoints)
+        tunnel = endpoints.built[0].protocol
+        proxy = FakeProxy(tunnel)
+        proxy.handshake()
+        proxy.session.go_away(ErrorCode.REPLACED, "replaced by a newer tunnel of the same connector")
+        proxy.exchange()
+        self.assertEqual(len(endpoints.built), 1)
+        self.assertIn("same connectorId", tunnel.refusal)
+        tunnel.connectionLost(Failure(ierror.ConnectionDone()))
+        self.assertEqual(svc.attempt, 1)  # a backed-off retry, not an immediate dial
+
     def test_stop_service_says_goaway_and_closes_the_idle_tunnel(self) -> None:
         endpoints = EndpointFactory("ok")
         svc = self.service(endpoints)
