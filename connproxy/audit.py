@@ -64,14 +64,28 @@ _log = Logger()
 _encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
 
+def _stdout() -> Any:
+    """The stream audit lines go to: the process's standard output.
+
+    twistd replaces ``sys.stdout`` with a file that turns writes into log events (timestamped, possibly sent to
+    a log file); audit events are written to the real standard output instead, as bare ``[AUDIT-EVENT] {json}``
+    lines, as SAP's proxy does.
+    """
+    out = sys.stdout
+    if type(out).__name__ == "LoggingFile" and sys.__stdout__ is not None:
+        return sys.__stdout__
+    return out
+
+
 def stdout_writer(line: str) -> None:
-    """Write ``line`` and a newline to ``sys.stdout`` and flush.
+    """Write ``line`` and a newline to standard output (see :func:`_stdout`) and flush.
 
     A closed or broken stdout does not raise: the failure is logged (the event is lost).
     """
     try:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        out = _stdout()
+        out.write(line + "\n")
+        out.flush()
     except (OSError, ValueError):
         _log.failure("could not write an audit event to stdout")
 

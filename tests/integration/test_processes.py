@@ -198,6 +198,9 @@ def test_proxy_process_on_embedded_defaults(tmp_path: Path) -> Any:
     try:
         yield wait_for(lambda: b"tunnel established" in connector.output, timeout=30)
         assert b"development certificates" in proxy.output
+        # Audit events are bare JSON lines on the process's stdout, not wrapped into twistd's log format.
+        audit_lines = [line for line in bytes(proxy.output).splitlines() if line.startswith(b"[AUDIT-EVENT] {")]
+        assert any(b"tunnel handshake success" in line for line in audit_lines)
         assert str(tmp_path / "state").encode() in proxy.output
         _c, reply = yield socks_connect(20004, "anything.internal", 80)
         assert reply == 0x02  # the embedded connector exposes nothing
