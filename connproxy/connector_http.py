@@ -224,8 +224,8 @@ class BackendPool:
         self,
         clock: IReactorTime,
         *,
-        max_idle_per_backend: int = 8,
-        max_idle: int = 256,
+        max_idle_per_backend: int = 64,
+        max_idle: int = 1024,
         idle_timeout: float = 15.0,
     ) -> None:
         self.clock = clock
