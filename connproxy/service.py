@@ -192,6 +192,13 @@ class ProxyService(MultiService):
             )
             self.metrics_listener.setServiceParent(self)
 
+    def setServiceParent(self, parent: Any) -> None:
+        """Join ``parent``; under twistd also hand it the configured log observer (``logging``)."""
+        from connproxy.logs import install
+
+        install(parent, self.config.logging)
+        super().setServiceParent(parent)
+
     def authorizer_for(self, front_end: FrontEndConfig) -> Authorizer:
         """The authorizer of one front end (both share :attr:`key_store`)."""
         config = self.config

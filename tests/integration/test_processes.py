@@ -209,3 +209,33 @@ def test_proxy_process_on_embedded_defaults(tmp_path: Path) -> Any:
             os.kill(child.transport.pid, signal.SIGTERM)
         yield connector.ended
         yield proxy.ended
+
+
+@pytest_twisted.inlineCallbacks
+def test_proxy_process_writes_json_logs(stack: Stack) -> Any:
+    """``logging: {format: json}``: twistd's output becomes one JSON object per line (audit lines stay bare)."""
+    import json
+
+    files = stack.pki.write(stack.tmp / "pki")
+    config = stack.tmp / "proxy.yaml"
+    config.write_text(yaml.safe_dump({
+        "tenantMode": "dedicated", "subaccountId": "tenant-a",
+        "servers": {
+            "businessDataTunnel": {"port": 0, "bindAddress": "127.0.0.1",
+                                   "tls": {"certFile": str(files.proxy_cert), "keyFile": str(files.proxy_key),
+                                           "clientCaFile": str(files.ca_cert)}},
+            "proxy": {"http": {"port": 0, "enableProxyAuthorization": False, "allowRemoteConnections": False},
+                      "socks5": {"port": 0, "enableProxyAuthorization": False, "allowRemoteConnections": False}},
+        },
+        "metrics": {"prometheus": {"enabled": False}},
+        "logging": {"format": "json", "level": "info"},
+    }))
+    proxy = spawn([str(BIN / "twistd"), "-n", "--pidfile=", "connproxy", "--config", str(config)])
+    try:
+        yield wait_for(lambda: b"listening on" in proxy.output, timeout=20)
+    finally:
+        os.kill(proxy.transport.pid, signal.SIGTERM)
+        yield proxy.ended
+    records = [json.loads(line) for line in bytes(proxy.output).splitlines() if line.startswith(b"{")]
+    assert any(r.get("log_format", "").endswith("listening on {host}:{port}") and "port" in r for r in records)
+    assert not [line for line in bytes(proxy.output).splitlines() if line and not line.startswith((b"{", b"["))]
