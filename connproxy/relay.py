@@ -147,7 +147,6 @@ class Relay(Protocol):
                 peer.transport.loseConnection()
 
 
-
 def _unregister(transport: Any) -> None:
     unregister = getattr(transport, "unregisterProducer", None)
     if unregister is not None and getattr(transport, "producer", True) is not None:
