@@ -405,11 +405,18 @@ class HttpStreamServer(H11Relay):
             return
         if isinstance(event, h11.Response):
             self.response_started = True
-            headers = [
-                (n, rewrite_location(v, self.rule, self.virtual_host, self.virtual_port) if n == b"location" else v)
-                for n, v in forwarded_response_headers(event.headers)
-            ]
-            self._send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
+            headers = forwarded_response_headers(event.headers)
+            rewritten = False
+            for index, (name, value) in enumerate(headers):
+                if name == b"location":
+                    location = rewrite_location(value, self.rule, self.virtual_host, self.virtual_port)
+                    if location != value:
+                        headers[index] = (name, location)
+                        rewritten = True
+            # Unless a Location was rewritten, every part comes from the response h11 parsed (and validated)
+            # from the backend, only filtered: ``_parsed`` spares validating each header again.
+            self._send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason,
+                                    _parsed=not rewritten))
         elif isinstance(event, h11.Data):
             self._send(event)
         elif isinstance(event, h11.EndOfMessage):

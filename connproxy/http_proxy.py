@@ -236,6 +236,33 @@ def _carries_user(token: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- h11 relay
 
+try:
+    # h11's reader of a Content-Length body: the counted-body fast path of H11Relay lowers its count of the bytes
+    # left. An internal class: without it (or the attributes used) the fast path stays off.
+    from h11 import _readers
+
+    _ContentLengthReader: Any = _readers.ContentLengthReader
+except (ImportError, AttributeError):  # pragma: no cover - another h11
+    _ContentLengthReader = None
+
+
+def _fast_body_supported() -> bool:
+    """Whether this h11 has the internals the counted-body fast path relies on."""
+    if _ContentLengthReader is None:
+        return False
+    try:
+        conn: Any = h11.Connection(h11.SERVER)
+        reader: Any = _ContentLengthReader(1)
+        return (
+            reader._remaining == 1 and conn._reader is not None and not conn._receive_buffer
+            and conn._receive_buffer_closed is False and conn.client_is_waiting_for_100_continue is False
+        )
+    except Exception:  # pragma: no cover - another h11
+        return False
+
+
+_FAST_BODY = _fast_body_supported()
+
 
 class HttpError(Exception):
     """An answer of the proxy (or connector) itself: ``status`` with a short plain-text ``message``."""
@@ -295,15 +322,63 @@ class H11Relay(Relay):
         self._pumping = False
 
     def dataReceived(self, data: bytes) -> None:
-        """Feed h11 (or relay raw bytes after a switch)."""
+        """Feed h11 (or relay raw bytes after a switch); the bytes of a counted body bypass h11's buffer."""
         if self.raw:
             super().dataReceived(data)
+            return
+        if _FAST_BODY and not self._pumping and self._pass_counted_body(data):
             return
         try:
             self.conn.receive_data(data)
         except RuntimeError:  # data after our side closed: nothing will read it
             return
         self.pump()
+
+    def _pass_counted_body(self, data: bytes) -> bool:
+        """The fast path for bytes of a ``Content-Length`` body: hand them on as one :class:`h11.Data` event of
+        the very bytes read, without h11's buffer (which copies them twice) and its per-event state machine.
+
+        Taken only where h11 would produce exactly that event: it reads a counted body (its reader is a
+        ``ContentLengthReader`` with bytes left), nothing is buffered before ``data`` (so these are the next body
+        bytes) and events may be taken now. h11's count of what is left is lowered by what passed, so h11 stays
+        where it would be had it parsed them: it reports the end of the body (``EndOfMessage``, then the next
+        cycle) and a body cut short at EOF (``RemoteProtocolError``) as ever, and bytes past the body go to it.
+        Returns False (nothing done) where the ordinary path must be taken.
+        """
+        conn: Any = self.conn
+        reader = conn._reader
+        if type(reader) is not _ContentLengthReader:
+            return False
+        left: int = reader._remaining
+        if not left or conn._receive_buffer or conn._receive_buffer_closed or self.transport is None or \
+                not self.can_pump():
+            return False
+        if len(data) <= left:
+            chunk, rest = data, b""
+        else:
+            chunk, rest = data[:left], data[left:]
+        reader._remaining = left - len(chunk)
+        if conn.their_role is h11.CLIENT:
+            conn.client_is_waiting_for_100_continue = False  # as h11 does on request body data
+        self._pumping = True
+        try:
+            self.handle_event(h11.Data(data=chunk))
+        except Exception:
+            self.log.failure("bug while handling an HTTP Data event")
+            self.internal_error()
+            failed = True
+        else:
+            failed = False
+        finally:
+            self._pumping = False
+        if rest:
+            try:
+                conn.receive_data(rest)
+            except RuntimeError:
+                return True
+        if not failed and (rest or not reader._remaining):
+            self.pump()  # the end of the body (EndOfMessage) and whatever follows it
+        return True
 
     def readConnectionLost(self) -> None:
         """The far end sent FIN: h11 learns it (a close-delimited body ends, a truncated one fails)."""
@@ -907,7 +982,10 @@ class HttpProxyProtocol(H11Relay):
             self._stop_first_byte(ex)
             ex.response_started = True
             headers = forwarded_response_headers(event.headers)
-            self._send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason))
+            # Every part comes from the response h11 parsed (and validated) from the stream, only filtered:
+            # ``_parsed`` spares validating each header again with h11's regular expressions.
+            self._send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason,
+                                    _parsed=True))
         elif isinstance(event, h11.Data):
             self._send(event)
         elif isinstance(event, h11.EndOfMessage):

@@ -404,3 +404,50 @@ def test_stale_pooled_connection_is_not_retried_for_a_request_with_a_body() -> N
     stream.protocol.dataReceived(b"POST /api/y HTTP/1.1\r\nHost: erp.internal:8080\r\nContent-Length: 1\r\n\r\nx")
     s.backends.protocols[0].connectionLost(Failure(ConnectionDone()))
     assert len(s.backends.connects) == 1 and s.tunnel.resets[-1][1] == ErrorCode.BACKEND_RESET
+
+
+def test_counted_bodies_pass_around_h11_and_the_backend_is_reused() -> None:
+    s = Setup()
+    stream = s.open("erp.internal", 8080, method="POST", target="/api/x")
+    backend_transport = s.backends.transports[0]
+    stream.protocol.dataReceived(b"POST /api/x HTTP/1.1\r\nHost: erp.internal:8080\r\nContent-Length: 6\r\n\r\n")
+    stream.protocol.dataReceived(b"abc")
+    stream.protocol.dataReceived(b"def")
+    events = backend_requests(backend_transport.value())
+    assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == b"abcdef"
+    assert isinstance(events[-1], h11.EndOfMessage)
+    stream.protocol.readConnectionLost()
+    backend = s.backends.protocols[0]
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n")
+    backend.dataReceived(b"one")
+    backend.dataReceived(b"two")
+    assert not stream.closed and s.gateway.pool.idle_count == 0
+    backend.dataReceived(b"six")
+    response = stream_response(stream.value())
+    assert b"".join(e.data for e in response if isinstance(e, h11.Data)) == b"onetwosix"
+    assert isinstance(response[-1], h11.EndOfMessage)
+    assert stream.closed and s.gateway.pool.idle_count == 1  # h11 is DONE both ways: the connection is reused
+
+
+def test_counted_response_body_cut_short_resets_the_stream() -> None:
+    s = Setup()
+    stream = s.open("erp.internal", 8080)
+    stream.protocol.dataReceived(b"GET /api/x HTTP/1.1\r\nHost: erp.internal:8080\r\n\r\n")
+    backend = s.backends.protocols[0]
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    backend.dataReceived(b"partial")
+    backend.connectionLost(Failure(ConnectionDone()))
+    assert s.tunnel.resets[-1][1] == ErrorCode.BACKEND_RESET and s.gateway.pool.idle_count == 0
+
+
+def test_bytes_past_a_counted_response_keep_the_backend_out_of_the_pool() -> None:
+    s = Setup()
+    stream = s.open("erp.internal", 8080)
+    stream.protocol.dataReceived(b"GET /api/x HTTP/1.1\r\nHost: erp.internal:8080\r\n\r\n")
+    stream.protocol.readConnectionLost()
+    backend = s.backends.protocols[0]
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    backend.dataReceived(b"cdHTTP/1.1 200 OK\r\n")  # the body's end and junk in one read
+    response = stream_response(stream.value())
+    assert b"".join(e.data for e in response if isinstance(e, h11.Data)) == b"abcd"
+    assert s.gateway.pool.idle_count == 0 and s.backends.transports[0].disconnecting

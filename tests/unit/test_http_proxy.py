@@ -543,3 +543,77 @@ def test_connection_header_cannot_strip_framing_or_host() -> None:
     kept = end_to_end_headers([(b"Content-Length", b"5"), (b"Host", b"h"), (b"X-A", b"1"),
                                (b"Connection", b"content-length, host, x-a")])
     assert kept == [(b"content-length", b"5"), (b"host", b"h")]
+
+
+# ------------------------------------------------------------------------------------------------ counted bodies
+
+
+def _no_buffering(protocol: Any) -> list[bytes]:
+    """Record what reaches ``protocol``'s h11 buffer (the counted-body fast path passes body bytes around it)."""
+    fed: list[bytes] = []
+    receive = protocol.conn.receive_data
+
+    def record(data: bytes) -> None:
+        fed.append(bytes(data))
+        receive(data)
+
+    protocol.conn.receive_data = record
+    return fed
+
+
+def test_counted_response_body_bypasses_h11_and_keeps_the_connection_alive() -> None:
+    c = Client()
+    c.send(GET + b"\r\n")
+    upstream, stream = c.router.endpoints[0].accept()
+    fed = _no_buffering(upstream)
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhel")
+    upstream.dataReceived(b"lo wo")
+    upstream.dataReceived(b"rld!")
+    assert fed == [b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhel"]  # the rest went around h11's buffer
+    status, headers, body = one(c.take())
+    assert (status, headers[b"content-length"], body) == (200, b"12", b"hello world!")
+    assert c.transport.producer is None and not c.transport.disconnecting
+    # h11 saw the whole body: the connection goes on with the next request
+    c.send(b"GET http://b.internal/ HTTP/1.1\r\nHost: b.internal\r\n\r\n")
+    upstream2, stream2 = c.router.endpoints[1].accept()
+    answer(stream2, upstream2, b"two")
+    assert one(c.take())[2] == b"two"
+
+
+def test_counted_response_body_cut_short_cuts_the_client_off() -> None:
+    c = Client()
+    c.send(GET + b"\r\n")
+    upstream, stream = c.router.endpoints[0].accept()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    upstream.dataReceived(b"partial")  # through the fast path
+    upstream.readConnectionLost()  # FIN before the 100 bytes: never a short answer on a kept-alive connection
+    assert c.transport.aborted
+
+
+def test_counted_request_body_bypasses_h11_and_a_pipelined_request_waits() -> None:
+    c = Client()
+    c.send(b"POST http://erp.internal/up HTTP/1.1\r\nHost: erp.internal\r\nContent-Length: 10\r\n\r\n")
+    upstream, stream = c.router.endpoints[0].accept()
+    fed = _no_buffering(c.protocol)
+    c.send(b"hello")
+    c.send(b"world" + GET + b"\r\n")  # the end of the body and a pipelined request in one read
+    assert fed == [GET + b"\r\n"]
+    events = requests_in(stream.value())
+    assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == b"helloworld"
+    assert isinstance(events[-1], h11.EndOfMessage) and stream.write_closed
+    assert len(c.router.endpoints) == 1
+    answer(stream, upstream)
+    assert one(c.take())[0] == 200
+    assert len(c.router.endpoints) == 2  # the pipelined request goes on after the answer
+
+
+def test_counted_body_is_not_taken_around_h11_while_held() -> None:
+    c = Client()
+    c.send(b"POST http://erp.internal/up HTTP/1.1\r\nHost: erp.internal\r\nContent-Length: 5\r\n\r\n")
+    c.send(b"hel")  # routing: the body waits in h11's buffer (and the socket is paused)
+    assert c.protocol.conn.trailing_data[0] == b"hel"
+    upstream, stream = c.router.endpoints[0].accept()
+    c.send(b"lo")
+    events = requests_in(stream.value())
+    assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == b"hello"
+    assert isinstance(events[-1], h11.EndOfMessage)
