@@ -391,3 +391,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@inlineCallbacks
+def socks_to_backend(stack: Stack, protocol: type[Protocol] = Echo, host: str = "echo.internal", port: int = 7,
+                     **backend_attrs: Any) -> Iterator[Deferred[Any]]:
+    """Serve ``protocol`` as a backend, start the proxy (if not running) and a connector mapping ``host:port`` to
+    it, and return a SOCKS5 client connected through the tunnel (reply 0 checked)."""
+    backend = yield serve(protocol, **backend_attrs)
+    stack.ports.append(backend)
+    if stack.proxy is None:
+        stack.start_proxy()
+    connector = stack.start_connector(access=[tcp_rule(host, port, backend.getHost().port)])
+    yield connector.when_up()
+    client, reply = yield socks_connect(stack.socks_port, host, port)
+    assert reply == 0, reply
+    return client

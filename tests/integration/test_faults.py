@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
-from tests.harness import FAST_TUNNEL, Echo, PatternProducer, Stack, new_stack, serve, socks_connect, tcp_rule, wait_for
+from tests.harness import FAST_TUNNEL, Echo, PatternProducer, Stack, serve, socks_connect, tcp_rule, wait_for
 
 
 class Hole:
@@ -55,13 +53,6 @@ class _Inbound(_Side):
 
         TCP4ClientEndpoint(reactor, "127.0.0.1", self.hole.target_port).connect(
             Factory.forProtocol(lambda: outbound)).addCallback(connected)
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Any:
-    s = new_stack(tmp_path)
-    yield s
-    pytest_twisted.blockon(s.stop())
 
 
 @pytest_twisted.inlineCallbacks

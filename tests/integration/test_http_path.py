@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import h11
-import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -24,7 +23,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
 from connproxy.tokens import issue_token
-from tests.harness import Echo, Stack, new_stack, reactor, serve, tcp_rule, wait_for
+from tests.harness import Echo, Stack, reactor, serve, tcp_rule, wait_for
 from tests.http_harness import (
     Silent,
     http_rule,
@@ -38,13 +37,6 @@ from tests.http_harness import (
 MIB = 1024 * 1024
 HTTP_ON: dict[str, Any] = {"servers": {"proxy": {"http": {"enabled": True}}}}
 RESULTS: dict[str, float] = {}
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Any:
-    s = new_stack(tmp_path)
-    yield s
-    pytest_twisted.blockon(s.stop())
 
 
 def curl(*args: str) -> Deferred[tuple[bytes, bytes, int]]:

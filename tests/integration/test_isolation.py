@@ -11,7 +11,7 @@ import pytest_twisted
 from twisted.internet.protocol import Protocol
 
 from connproxy.tokens import issue_token, load_or_create_signing_key
-from tests.harness import Stack, new_stack, serve, socks_connect, tcp_rule, wait_for
+from tests.harness import Stack, serve, socks_connect, tcp_rule, wait_for
 
 TENANTS = ("tenant-a", "tenant-b", "tenant-c")
 LOCATIONS = ("", "loc-2")
@@ -39,13 +39,6 @@ def log_text() -> Any:
     globalLogPublisher.addObserver(observe)
     yield lines
     globalLogPublisher.removeObserver(observe)
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Any:
-    s = new_stack(tmp_path)
-    yield s
-    pytest_twisted.blockon(s.stop())
 
 
 def authorization(tokens: Path, **extra: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.harness import FAST_TUNNEL, Echo, PatternProducer, Stack, new_stack, serve, socks_connect, tcp_rule, wait_for
+from tests.harness import FAST_TUNNEL, Echo, PatternProducer, Stack, serve, socks_connect, tcp_rule, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -42,13 +42,6 @@ def spawn(args: list[str], env: dict[str, str] | None = None) -> Child:
     child = Child()
     reactor.spawnProcess(child, args[0], args, env={**os.environ, **(env or {})})
     return child
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Any:
-    s = new_stack(tmp_path)
-    yield s
-    pytest_twisted.blockon(s.stop())
 
 
 def connector_config(stack: Stack, access: list[dict[str, Any]]) -> Path:

@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 
-from tests.harness import Echo, PatternProducer, Stack, new_stack, serve, socks_connect, tcp_rule, wait_for
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Any:
-    s = new_stack(tmp_path)
-    yield s
-    pytest_twisted.blockon(s.stop())
+from tests.harness import Echo, PatternProducer, Stack, serve, socks_connect, socks_to_backend, tcp_rule, wait_for
 
 
 @pytest_twisted.inlineCallbacks
 def test_echo_round_trip(stack: Stack) -> Any:
-    backend = yield serve(Echo)
-    stack.ports.append(backend)
-    stack.start_proxy()
-    connector = stack.start_connector(access=[tcp_rule("echo.internal", 7, backend.getHost().port)])
-    yield connector.when_up()
-    client, reply = yield socks_connect(stack.socks_port, "echo.internal", 7)
-    assert reply == 0
+    client = yield socks_to_backend(stack, Echo, "echo.internal", 7)
     client.transport.write(b"hello tunnel")
     yield wait_for(lambda: client.received >= 12)
     assert bytes(client.keep) == b"hello tunnel"
@@ -40,13 +25,7 @@ SIZE = 64 * MIB
 
 @pytest_twisted.inlineCallbacks
 def test_64_mib_each_way_with_checksums(stack: Stack) -> Any:
-    backend = yield serve(Echo)
-    stack.ports.append(backend)
-    stack.start_proxy()
-    connector = stack.start_connector(access=[tcp_rule("echo.internal", 7, backend.getHost().port)])
-    yield connector.when_up()
-    client, reply = yield socks_connect(stack.socks_port, "echo.internal", 7)
-    assert reply == 0
+    client = yield socks_to_backend(stack, Echo, "echo.internal", 7)
     client.keep = None
     producer = PatternProducer(client.transport, SIZE, seed=7)
     yield producer.done
@@ -59,13 +38,7 @@ def test_64_mib_each_way_with_checksums(stack: Stack) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_half_close_client_still_receives_whole_answer(stack: Stack) -> Any:
     """The client shuts its write side after the request; the backend's answer still arrives in full."""
-    backend = yield serve(Echo)
-    stack.ports.append(backend)
-    stack.start_proxy()
-    connector = stack.start_connector(access=[tcp_rule("echo.internal", 7, backend.getHost().port)])
-    yield connector.when_up()
-    client, reply = yield socks_connect(stack.socks_port, "echo.internal", 7)
-    assert reply == 0
+    client = yield socks_to_backend(stack, Echo, "echo.internal", 7)
     payload = b"request-" * 100_000
     client.transport.write(payload)
     client.transport.loseWriteConnection()
@@ -79,13 +52,7 @@ def test_half_close_client_still_receives_whole_answer(stack: Stack) -> Any:
 def test_server_speaks_first(stack: Stack) -> Any:
     from tests.harness import Banner
 
-    backend = yield serve(Banner)
-    stack.ports.append(backend)
-    stack.start_proxy()
-    connector = stack.start_connector(access=[tcp_rule("smtp.internal", 25, backend.getHost().port)])
-    yield connector.when_up()
-    client, reply = yield socks_connect(stack.socks_port, "smtp.internal", 25)
-    assert reply == 0
+    client = yield socks_to_backend(stack, Banner, "smtp.internal", 25)
     yield wait_for(lambda: client.received >= 11)
     assert bytes(client.keep or b"") == b"220 hello\r\n"
     client.transport.loseConnection()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
 
@@ -14,7 +12,6 @@ from tests.harness import (
     PatternProducer,
     Source,
     Stack,
-    new_stack,
     serve,
     socks_connect,
     tcp_rule,
@@ -22,13 +19,6 @@ from tests.harness import (
 )
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Any:
-    s = new_stack(tmp_path)
-    yield s
-    pytest_twisted.blockon(s.stop())
 
 
 @pytest_twisted.inlineCallbacks
