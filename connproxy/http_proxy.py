@@ -42,15 +42,14 @@ import h11
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from connproxy import audit
 from connproxy.auth import AuthError, bearer_token
+from connproxy.frontend import Authorizing, FrontEndFactory
 from connproxy.relay import Relay, RelayFactory, describe_transport, unwire, wire
 from connproxy.routing import Router
-from connproxy.socks import Authorizing
 from connproxy.tunnel.errors import StreamRefusedError, StreamResetError, http_status_for
 from connproxy.wire.errors import ErrorCode
 
@@ -1222,7 +1221,7 @@ def _open_failure_text(failure: Failure, target: str) -> str:
     return f"bad gateway: system {target} could not be reached ({type(error).__name__})"
 
 
-class HttpProxyFactory(Factory):
+class HttpProxyFactory(FrontEndFactory):
     """Builds :class:`HttpProxyProtocol` for the HTTP proxy listener.
 
     :param header_timeout: seconds from the first byte of a request head until it must be complete (408).
@@ -1246,17 +1245,13 @@ class HttpProxyFactory(Factory):
         idle_timeout: float = 3600.0,
         audit_writer: audit.AuditWriter | None = None,
     ) -> None:
-        self.router = router
-        self.authorizer = authorizer
-        self.clock = clock
-        self.authorization_enabled = authorization_enabled
+        super().__init__(router, authorizer, clock, authorization_enabled=authorization_enabled,
+                         idle_timeout=idle_timeout, audit_writer=audit_writer)
         self.allow_connect = allow_connect
         self.max_line_bytes = max_line_bytes
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
         self.first_byte_timeout = first_byte_timeout
-        self.idle_timeout = idle_timeout
-        self.audit_writer = audit_writer
 
     def buildProtocol(self, addr: IAddress | None) -> HttpProxyProtocol:
         """A new client connection."""

@@ -13,15 +13,14 @@ token; 0x03 when no connector serves (tenant, location); 0x02 when the connector
 from __future__ import annotations
 
 from typing import Any
-from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from connproxy import audit
+from connproxy.frontend import Authorizing, FrontEndFactory
 from connproxy.relay import Relay, RelayFactory, describe_transport
 from connproxy.routing import Router
 from connproxy.tunnel.errors import socks_reply_for
@@ -35,13 +34,6 @@ from connproxy.wire.socks5 import (
     Socks5Server,
     Socks5State,
 )
-
-
-class Authorizing(TypingProtocol):
-    """What the front ends need of :class:`connproxy.auth.Authorizer`."""
-
-    def authorize(self, *, proxy_token: str | None, service_token: str | None = None) -> Deferred[Any]:
-        """Fire with a caller (``.tenant``, ``.client_id``) or fail with an ``AuthError``."""
 
 
 class Socks5Protocol(Relay):
@@ -239,8 +231,12 @@ class Socks5Protocol(Relay):
         super().connectionLost(reason)
 
 
-class Socks5Factory(Factory):
-    """Builds :class:`Socks5Protocol` for the SOCKS5 listener."""
+class Socks5Factory(FrontEndFactory):
+    """Builds :class:`Socks5Protocol` for the SOCKS5 listener.
+
+    :param handshake_timeout: seconds a client has from connecting until its CONNECT is answered.
+    :param max_token_bytes: the largest method-0x80 token accepted.
+    """
 
     def __init__(
         self,
@@ -254,14 +250,10 @@ class Socks5Factory(Factory):
         max_token_bytes: int = 65536,
         audit_writer: audit.AuditWriter | None = None,
     ) -> None:
-        self.router = router
-        self.authorizer = authorizer
-        self.clock = clock
-        self.authorization_enabled = authorization_enabled
+        super().__init__(router, authorizer, clock, authorization_enabled=authorization_enabled,
+                         idle_timeout=idle_timeout, audit_writer=audit_writer)
         self.handshake_timeout = handshake_timeout
-        self.idle_timeout = idle_timeout
         self.max_token_bytes = max_token_bytes
-        self.audit_writer = audit_writer
 
     def buildProtocol(self, addr: IAddress | None) -> Socks5Protocol:
         """A new client connection."""
