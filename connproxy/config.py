@@ -340,15 +340,25 @@ def _normalize_host(host: str) -> str:
     return name[:-1] if name.endswith(".") and len(name) > 1 else name
 
 
+_ODD_ENCODINGS = re.compile(r"%u[0-9a-fA-F]{4}|%[cC][01]", re.IGNORECASE)
+
+
 def _has_dot_segment(path: str) -> bool:
-    # Reject "." and ".." segments, also percent-encoded, behind "\" or before ";params": a backend that
-    # normalises them could otherwise be led out of an allowed subtree.
-    decoded = unquote(path)
-    for candidate in (path, decoded):
+    # Reject "." and ".." segments, also percent-encoded (repeatedly: a backend may decode twice), behind "\" or
+    # before ";params", and the non-standard %uXXXX and overlong UTF-8 (%c0, %c1) forms some servers decode: a
+    # backend that normalises them could otherwise be led out of an allowed subtree.
+    if _ODD_ENCODINGS.search(path):
+        return True
+    candidate = path
+    for _ in range(4):
         for segment in re.split(r"[/\\]", candidate):
             if segment.split(";", 1)[0] in (".", ".."):
                 return True
-    return False
+        decoded = unquote(candidate)
+        if decoded == candidate:
+            return False
+        candidate = decoded
+    return True  # still changing after four decodings: refuse
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from connproxy.http_proxy import (
     forwarded_request_headers,
     forwarded_response_headers,
     header_list,
+    header_values,
     send_event,
     upgrade_of,
 )
@@ -138,7 +139,11 @@ class HttpBackend(H11Relay):
     @property
     def alive(self) -> bool:
         """Connected and not closing."""
-        return bool(self.connected) and not self._lost and self.transport is not None and not self.raw
+        transport: Any = self.transport
+        return (
+            bool(self.connected) and not self._lost and transport is not None and not self.raw
+            and not getattr(transport, "disconnecting", False)
+        )
 
     def can_pump(self) -> bool:
         """Responses are parsed only while a stream is attached; idle bytes are handled by :meth:`dataReceived`."""
@@ -147,6 +152,8 @@ class HttpBackend(H11Relay):
     def dataReceived(self, data: bytes) -> None:
         """Response bytes for the attached stream; bytes while idle are a protocol error (the connection ends)."""
         if self.server is None and not self.raw:
+            if self.pool is not None:
+                self.pool.forget(self)  # never hand out a connection that is closing
             if self.transport is not None:
                 self.transport.loseConnection()
             return
@@ -323,6 +330,7 @@ class HttpStreamServer(H11Relay):
         link(self, backend)
         self.request_done = False
         self.response_started = False
+        self.ambiguous_framing = False
         self.response_done = False
         self.finished = False
         self.retried = False
@@ -405,6 +413,8 @@ class HttpStreamServer(H11Relay):
             return
         if isinstance(event, h11.Response):
             self.response_started = True
+            if header_values(event.headers, b"transfer-encoding") and header_values(event.headers, b"content-length"):
+                self.ambiguous_framing = True  # RFC 9112 6.1: this backend connection is not reused
             headers = forwarded_response_headers(event.headers)
             rewritten = False
             for index, (name, value) in enumerate(headers):
@@ -505,6 +515,7 @@ class HttpStreamServer(H11Relay):
             reusable = (
                 backend.conn.our_state is h11.DONE and backend.conn.their_state is h11.DONE
                 and not backend.conn.trailing_data[0]  # bytes past the response: not a clean connection
+                and not self.ambiguous_framing
             )
             if reusable and backend.alive:
                 backend.conn.start_next_cycle()

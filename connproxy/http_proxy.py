@@ -41,9 +41,10 @@ from urllib.parse import urlsplit
 import h11
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from connproxy import audit
 from connproxy.auth import AuthError, bearer_token
@@ -286,22 +287,22 @@ def send_event(conn: h11.Connection, transport: Any, event: h11.Event) -> None:
 
 
 def error_response_events(
-    status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = (), *, close: bool = False
+    status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = (), *, close: bool = False,
+    head: bool = False,
 ) -> list[h11.Event]:
-    """The h11 events of a short ``text/plain`` answer."""
+    """The h11 events of a short ``text/plain`` answer (without the body for a ``HEAD`` request)."""
     body = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
-    head: Headers = [
+    head_fields: Headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode("ascii")),
         *headers,
     ]
     if close:
-        head.append((b"connection", b"close"))
-    return [
-        h11.Response(status_code=status, headers=head, reason=_REASONS.get(status, b"")),
-        h11.Data(data=body),
-        h11.EndOfMessage(),
-    ]
+        head_fields.append((b"connection", b"close"))
+    response = h11.Response(status_code=status, headers=head_fields, reason=_REASONS.get(status, b""))
+    if head:
+        return [response, h11.EndOfMessage()]
+    return [response, h11.Data(data=body), h11.EndOfMessage()]
 
 
 class H11Relay(Relay):
@@ -558,11 +559,58 @@ class _Exchange:
     proxy_token: str | None = None
     service_token: str | None = None
     first_byte: IDelayedCall | None = None
+    must_close: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+@implementer(IPushProducer)
+class _OwnAnswers:
+    """Backpressure for the answers the proxy writes itself (errors), when no stream is wired to the client.
+
+    Registered as the client transport's producer while such answers are written: when they pile up unread,
+    the transport pauses us and we stop reading the client's further (pipelined) requests until it drains.
+    """
+
+    def __init__(self, protocol: HttpProxyProtocol) -> None:
+        self.protocol = protocol
+        self.registered = False
+        self.paused = False
+
+    def watch(self) -> None:
+        transport: Any = self.protocol.transport
+        if not self.registered and transport is not None and getattr(transport, "producer", None) is None:
+            transport.registerProducer(self, True)
+            self.registered = True
+
+    def release(self) -> None:
+        """Before a stream is wired to the client (it becomes the producer then)."""
+        transport: Any = self.protocol.transport
+        if self.registered and transport is not None:
+            transport.unregisterProducer()
+        self.registered = False
+        if self.paused:
+            self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        transport: Any = self.protocol.transport
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        protocol = self.protocol
+        transport: Any = protocol.transport
+        if transport is not None and protocol.exchange is None and not protocol._closing:
+            transport.resumeProducing()
+            protocol.pump()
+
+    def stopProducing(self) -> None:
+        self.paused = False
 
 
 class HttpProxyProtocol(H11Relay):
@@ -573,6 +621,7 @@ class HttpProxyProtocol(H11Relay):
     def __init__(self, factory: HttpProxyFactory) -> None:
         super().__init__(h11.Connection(h11.SERVER, max_incomplete_event_size=factory.max_header_bytes))
         self.factory = factory
+        self._own_answers = _OwnAnswers(self)
         self.exchange: _Exchange | None = None
         self.tunnel_mode = False
         self.requests = 0
@@ -622,10 +671,14 @@ class HttpProxyProtocol(H11Relay):
             return
         super().dataReceived(data)
 
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.factory.clock.callLater(self.factory.header_timeout, self._head_timed_out)
+
     def _check_request_line(self, data: bytes) -> bool:
         """Watch the bytes of a request head until its first line ended: 414 when it is too long."""
         if self._head_timer is None and data.strip(b"\r\n"):
-            self._head_timer = self.factory.clock.callLater(self.factory.header_timeout, self._head_timed_out)
+            self._start_head_timer()
         limit = self.factory.max_line_bytes
         self._probe = (self._probe + data).lstrip(b"\r\n")[: limit + 2]
         end = self._probe.find(b"\n")
@@ -767,12 +820,15 @@ class HttpProxyProtocol(H11Relay):
                                      "HTTPS to the backend), or use SOCKS5 for TLS end to end")
             if scheme != "http":
                 raise HttpError(400, f"request target must be http://host[:port]/path or /path, got {target[:200]}")
-            parts = urlsplit(target)
             try:
+                parts = urlsplit(target)
                 ex.host, ex.port = split_authority(parts.netloc, 80)
             except ValueError:
                 raise HttpError(400, f"bad host in request target {target[:200]}") from None
             ex.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if header_values(headers, b"transfer-encoding") and header_values(headers, b"content-length"):
+            # Framed as chunked (h11, RFC 9112 6.3), but whoever sent it may disagree: never reuse the connection.
+            ex.must_close = True
         ex.proxy_token = bearer_token(self._single(headers, H_PROXY_AUTHORIZATION))
         service_token = self._single(headers, H_SERVICE_TOKEN)
         ex.service_token = service_token.decode("latin-1") if service_token else None
@@ -849,6 +905,7 @@ class HttpProxyProtocol(H11Relay):
             return
         ex.tenant = caller.tenant
         ex.meta["client_id"] = caller.client_id
+        self._own_answers.release()  # the stream becomes the client transport's producer
         endpoint = self.factory.router.endpoint(
             tenant=caller.tenant, location=ex.location, host=ex.host, port=ex.port,
             kind="tcp" if ex.connect else "http", meta=ex.meta,
@@ -1059,6 +1116,9 @@ class HttpProxyProtocol(H11Relay):
             if not upstream._lost and not upstream.got_fin:
                 # The connector's FIN normally follows its last DATA at once; close if it does not.
                 self.factory.clock.callLater(0, _close_if_open, upstream)
+        if ex.must_close:
+            self._close()  # RFC 9112 6.1: Transfer-Encoding and Content-Length together: no reuse
+            return
         self._next_cycle()
 
     def _next_cycle(self) -> None:
@@ -1066,7 +1126,11 @@ class HttpProxyProtocol(H11Relay):
             return
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            if not self._own_answers.paused:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+            trailing, _closed = self.conn.trailing_data
+            if trailing.strip(b"\r\n") and self._head_timer is None:
+                self._start_head_timer()  # a pipelined request head has begun: it must complete in time
             self.pump()
         else:
             self._close()
@@ -1096,14 +1160,25 @@ class HttpProxyProtocol(H11Relay):
             self._fail_and_close(error)
             return
         assert self.transport is not None
-        self.transport.resumeProducing()  # type: ignore[attr-defined]
+        if not self._own_answers.paused:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.pump()
 
     def _answer(self, error: HttpError) -> None:
-        """Send the answer of a rejected request whose body was read; keep the connection."""
+        """Send the answer of a rejected request whose body was read; keep the connection.
+
+        While our own answers pile up unread (a client pipelining requests it never reads the answers of), we
+        stop reading: a push producer on the client transport pauses and resumes reading with its buffer.
+        """
+        ex = self.exchange
         self.exchange = None
-        for event in error_response_events(error.status, error.message, error.headers):
+        head = ex is not None and ex.request.method == b"HEAD"
+        for event in error_response_events(error.status, error.message, error.headers, head=head):
             self._send(event)
+        if ex is not None and ex.must_close:
+            self._close()
+            return
+        self._own_answers.watch()
         self._next_cycle()
 
     def _fail_and_close(self, error: HttpError) -> None:
@@ -1121,8 +1196,9 @@ class HttpProxyProtocol(H11Relay):
             # An answer is under way (or the state is broken): the client can only learn of it by the cut.
             self._abort_all()
             return
+        head = ex is not None and ex.request.method == b"HEAD"
         try:
-            for event in error_response_events(error.status, error.message, error.headers, close=True):
+            for event in error_response_events(error.status, error.message, error.headers, close=True, head=head):
                 send_event(self.conn, self.transport, event)
         except h11.LocalProtocolError:
             self.log.failure("HTTP proxy could not answer {status}", status=error.status)

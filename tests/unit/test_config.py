@@ -748,6 +748,9 @@ RESOURCES = [
         ("/api/../admin", None),
         ("/api/./x", None),
         ("/api/%2e%2e/admin", None),
+        ("/api/%252e%252e/admin", None),  # decoded twice by some backends
+        ("/api/%u002e%u002e/admin", None),  # IIS-style %u encoding
+        ("/api/%c0%ae%c0%ae/admin", None),  # overlong UTF-8 dots
         ("/api/%2E%2E%2fadmin", None),
         ("/api/..%2Fadmin", None),
         ("/api/..;/admin", None),

@@ -617,3 +617,44 @@ def test_counted_body_is_not_taken_around_h11_while_held() -> None:
     events = requests_in(stream.value())
     assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == b"hello"
     assert isinstance(events[-1], h11.EndOfMessage)
+
+
+def test_head_request_refused_gets_its_status_without_a_body() -> None:
+    c = Client()
+    c.send(b"HEAD https://erp.internal/x HTTP/1.1\r\nHost: erp.internal\r\n\r\n")  # 405, keep-alive
+    raw = c.take()
+    assert raw.startswith(b"HTTP/1.1 405 ")
+    assert raw.endswith(b"\r\n\r\n")  # no body after the head of a HEAD answer
+    assert not c.transport.disconnecting or b"connection: close" in raw.lower()
+
+
+def test_malformed_ipv6_authority_is_400() -> None:
+    c = Client()
+    c.send(b"GET http://[::1/x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert c.take().startswith(b"HTTP/1.1 400 ")
+
+
+def test_transfer_encoding_with_content_length_never_reuses_the_connection() -> None:
+    c = Client()
+    c.send(b"POST http://erp.internal/api HTTP/1.1\r\nHost: erp.internal\r\nContent-Length: 4\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    (endpoint,) = c.router.endpoints
+    upstream, stream = endpoint.accept()
+    answer(stream, upstream)
+    status, _headers, body = one(c.take())
+    assert (status, body) == (200, b"hello")
+    assert c.transport.disconnecting  # RFC 9112 6.1: the connection is not reused after such a request
+
+
+def test_own_answers_pile_up_unread_then_reading_stops() -> None:
+    """A client pipelining requests the proxy refuses itself, never reading the answers, is not read forever."""
+    c = Client()
+    c.protocol._own_answers.watch()
+    assert c.transport.producer is c.protocol._own_answers
+    c.protocol._own_answers.pauseProducing()  # what the transport does once its buffer is full
+    assert c.transport.producerState == "paused"
+    c.send(b"GET https://a/ HTTP/1.1\r\nHost: a\r\n\r\n")  # a read already under way
+    assert c.take().startswith(b"HTTP/1.1 405 ")
+    assert c.transport.producerState == "paused"  # the next cycle does not resume reading while paused
+    c.protocol._own_answers.resumeProducing()
+    assert c.transport.producerState == "producing"
