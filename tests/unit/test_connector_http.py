@@ -451,3 +451,28 @@ def test_bytes_past_a_counted_response_keep_the_backend_out_of_the_pool() -> Non
     response = stream_response(stream.value())
     assert b"".join(e.data for e in response if isinstance(e, h11.Data)) == b"abcd"
     assert s.gateway.pool.idle_count == 0 and s.backends.transports[0].disconnecting
+
+
+def test_response_with_transfer_encoding_and_content_length_does_not_go_back_to_the_pool() -> None:
+    s = Setup()
+    stream = s.open("erp.internal", 8080)
+    stream.protocol.dataReceived(b"GET /api/x HTTP/1.1\r\nHost: erp.internal:8080\r\n\r\n")
+    stream.protocol.readConnectionLost()
+    backend = s.backends.protocols[0]
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"2\r\nok\r\n0\r\n\r\n")
+    assert stream.closed
+    assert s.gateway.pool.idle_count == 0  # RFC 9112 6.1: ambiguous framing, the connection is not reused
+
+
+def test_idle_pooled_backend_that_talks_is_dropped_at_once() -> None:
+    s = Setup()
+    stream = s.open("erp.internal", 8080)
+    stream.protocol.dataReceived(b"GET /api/x HTTP/1.1\r\nHost: erp.internal:8080\r\n\r\n")
+    stream.protocol.readConnectionLost()
+    backend = s.backends.protocols[0]
+    backend.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert s.gateway.pool.idle_count == 1
+    backend.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")  # a late word before the backend closes
+    assert s.gateway.pool.idle_count == 0  # never handed out while it is closing
+    assert not backend.alive
