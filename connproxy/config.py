@@ -429,6 +429,7 @@ class ConnectorConfig:
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     access_control: tuple[AccessRule, ...] = ()
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def find_rule(self, host: str, port: int) -> AccessRule | None:
         """The access rule for virtual ``host:port``, or ``None`` (access denied)."""
@@ -1117,10 +1118,12 @@ def connector_config_from_mapping(
             "reconnect",
             "backend",
             "accessControl",
+            "logging",
         ),
         _base_dir(base_dir),
     )
     proxy = root.section("proxy", ("host", "port", "serverName"))
+    logging = root.section("logging", ("format", "level"))
     reconnect = root.section("reconnect", ("initialDelaySeconds", "maxDelaySeconds", "fastRetries"))
     dr = ReconnectConfig()
     backend = root.section("backend", ("connectTimeoutSeconds",))
@@ -1150,6 +1153,10 @@ def connector_config_from_mapping(
             )
         ),
         access_control=rules,
+        logging=LoggingConfig(
+            format=logging.choice("format", LoggingConfig.format, LOG_FORMATS),
+            level=logging.choice("level", LoggingConfig.level, LOG_LEVELS),
+        ),
     )
     check_connector_config(config)
     return config

@@ -334,6 +334,13 @@ class ConnectorService(Service):
 
     # ------------------------------------------------------------------ service
 
+    def setServiceParent(self, parent: Any) -> None:
+        """Join ``parent``; under twistd also hand it the configured log observer (``logging``)."""
+        from connproxy.logs import install
+
+        install(parent, self.config.logging)
+        super().setServiceParent(parent)
+
     def startService(self) -> None:
         """Dial now."""
         super().startService()

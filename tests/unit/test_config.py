@@ -812,3 +812,12 @@ def test_connector_check_on_variants() -> None:
     doubled = dataclasses.replace(config, access_control=config.access_control * 2)
     with pytest.raises(ConfigError, match=r"accessControl\[1\]"):
         check_connector_config(doubled)
+
+
+def test_connector_logging_block() -> None:
+    from connproxy.config import connector_config_from_mapping
+
+    config = connector_config_from_mapping({"subaccountId": "a", "logging": {"format": "json", "level": "warn"}})
+    assert (config.logging.format, config.logging.level) == ("json", "warn")
+    with pytest.raises(ConfigError, match="logging.format"):
+        connector_config_from_mapping({"subaccountId": "a", "logging": {"format": "xml"}})
