@@ -24,6 +24,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import free_port, measure, one_shot_backend, parse_size, vm_hwm_mib
 
 
+def small_requests(tmp: Path, ssh_port: int, clients: list[subprocess.Popen[bytes]], seconds: int) -> float | None:
+    """wrk with 50 keep-alive connections for 1 KiB GETs to nginx through ``ssh -R`` (same load as
+    ``http_throughput.py``); returns requests/s."""
+    import re
+
+    from http_throughput import NGINX_CONF
+
+    (tmp / "www").mkdir(exist_ok=True)
+    (tmp / "www" / "1k").write_bytes(b"x" * 1024)
+    tmp.chmod(0o755)
+    nginx_port = free_port()
+    (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=nginx_port))
+    nginx = subprocess.Popen(["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)])
+    try:
+        forwarded = free_port()
+        client = subprocess.Popen([
+            "ssh", "-N", "-p", str(ssh_port), "-i", str(tmp / "user"), "-o", "StrictHostKeyChecking=no",
+            "-o", f"UserKnownHostsFile={tmp}/known_hosts", "-o", "ExitOnForwardFailure=yes",
+            "-R", f"127.0.0.1:{forwarded}:127.0.0.1:{nginx_port}", "root@127.0.0.1",
+        ], stderr=subprocess.DEVNULL)
+        clients.append(client)
+        connect(forwarded).close()
+        wrk = subprocess.run(["wrk", "-t", "2", "-c", "50", "-d", f"{seconds}s", f"http://127.0.0.1:{forwarded}/1k"],
+                             capture_output=True, text=True, timeout=seconds + 60)
+        match = re.search(r"Requests/sec:\s+([\d.]+)", wrk.stdout)
+        return float(match.group(1)) if match else None
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (sshd forks a session process, which forks again)."""
     found: list[int] = []
@@ -50,6 +81,8 @@ def connect(port: int) -> socket.socket:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="1GiB", type=parse_size)
+    parser.add_argument("--small-requests", type=int, default=0, metavar="SECONDS",
+                        help="also run wrk (50 keep-alive connections, 1 KiB GETs) through ssh -R to nginx")
     parser.add_argument("--json")
     args = parser.parse_args()
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -88,6 +121,8 @@ def main() -> int:
             results[f"sshd_session_peak_rss_MiB_{kind}"] = max(
                 (vm_hwm_mib(p) for p in descendants(daemon.pid)), default=-1
             )
+        if args.small_requests:
+            results["small_requests_per_s"] = small_requests(tmp, port, clients, args.small_requests)
     finally:
         for client in clients:
             client.terminate()
