@@ -33,6 +33,7 @@ from connproxy.wire.events import (
     StreamReset,
 )
 from connproxy.wire.session import Role, Session
+from tests.doubles import HalfCloseTransport
 
 PROXY_ADDR = IPv4Address("TCP", "192.0.2.10", 8042)
 
@@ -57,15 +58,6 @@ def make_config(**overrides: Any) -> ConnectorConfig:
 
 
 # ------------------------------------------------------------------------------------------------ doubles
-
-
-class HalfCloseStringTransport(StringTransport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.write_closed = 0
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed += 1
 
 
 @implementer(IStreamClientEndpoint)
@@ -338,10 +330,10 @@ class BackendEndpoint:
         self.factory = factory
         return self.deferred
 
-    def succeed(self) -> HalfCloseStringTransport:
+    def succeed(self) -> HalfCloseTransport:
         assert self.factory is not None
         protocol = self.factory.buildProtocol(IPv4Address("TCP", self.host, self.port))
-        transport = HalfCloseStringTransport()
+        transport = HalfCloseTransport()
         protocol.makeConnection(transport)
         self.deferred.callback(protocol)
         return transport

@@ -13,7 +13,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from connproxy.config import AccessRule, ConnectorConfig, Resource
@@ -21,20 +20,12 @@ from connproxy.connector import BackendDialer
 from connproxy.connector_http import BackendPool, HttpGateway, rewrite_location
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import OpenRequest
+from tests import doubles
 
 
-class Transport(StringTransport):
+class Transport(doubles.HalfCloseTransport):
     def __init__(self) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        self.write_closed = False
-        self.aborted = False
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        self.disconnecting = True
+        super().__init__(IPv4Address("TCP", "127.0.0.1", 40000))
 
 
 class FakeStream(Transport):

@@ -9,7 +9,6 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from connproxy.auth import AuthError, Caller
@@ -23,22 +22,14 @@ from connproxy.http_proxy import (
 from connproxy.relay import Relay
 from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, StreamResetError
 from connproxy.wire.errors import ErrorCode
+from tests import doubles
 
 
-class HalfCloseTransport(StringTransport):
-    """A StringTransport with half-close and abort, which the relay uses."""
+class HalfCloseTransport(doubles.HalfCloseTransport):
+    """The client's socket (half-close and abort, which the relay uses)."""
 
     def __init__(self) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "10.0.0.7", 51234))
-        self.write_closed = False
-        self.aborted = False
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        self.disconnecting = True
+        super().__init__(IPv4Address("TCP", "10.0.0.7", 51234))
 
 
 class FakeEndpoint:

@@ -29,6 +29,7 @@ from connproxy.socks import Socks5Factory, Socks5Protocol
 from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, TunnelLostError
 from connproxy.tunnel.registry import ConnectorRegistry
 from connproxy.wire.errors import ErrorCode
+from tests.doubles import HalfCloseTransport
 
 CLIENT_ADDR = IPv4Address("TCP", "10.9.9.9", 5000)
 SUCCESS = bytes.fromhex("05 00 00 01 00 00 00 00 00 00")
@@ -53,15 +54,6 @@ def reply(code: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ doubles
-
-
-class HalfCloseStringTransport(StringTransport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.write_closed = 0
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed += 1
 
 
 @dataclass
@@ -104,12 +96,12 @@ class FakeEndpoint:
         self.factory = factory
         return self.deferred
 
-    def succeed(self) -> tuple[Relay, HalfCloseStringTransport]:
+    def succeed(self) -> tuple[Relay, HalfCloseTransport]:
         """The stream is open: build the far relay side on a fake stream transport and fire."""
         assert self.factory is not None
         far = self.factory.buildProtocol(None)
         assert isinstance(far, Relay)
-        transport = HalfCloseStringTransport()
+        transport = HalfCloseTransport()
         far.makeConnection(transport)
         self.deferred.callback(far)
         return far, transport

@@ -36,6 +36,7 @@ from connproxy.wire import frames as f
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import GoAwayReceived, HelloReceived, OpenRequest, StreamReset
 from connproxy.wire.session import Role, Session, Settings
+from tests.doubles import HalfCloseTransport
 
 #: Small windows so flow control is reached with a few KiB.
 SMALL = Settings(stream_window=32768, connection_window=131072, max_frame=16384, max_streams=64)
@@ -68,17 +69,6 @@ class TLSFakeTransport(iosim.FakeTransport):
 
     def getPeerCertificate(self) -> crypto.X509 | None:
         return self.peer_cert
-
-
-class HalfCloseStringTransport(StringTransport):
-    """``StringTransport`` plus ``loseWriteConnection`` (recorded), like a TCP socket."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.write_closed = 0
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed += 1
 
 
 class Dialer(TunnelConnection):
@@ -187,14 +177,14 @@ class RelayedStream:
 
     def __init__(self, pair: TunnelPair) -> None:
         self.client = Relay()
-        self.client_t = HalfCloseStringTransport()
+        self.client_t = HalfCloseTransport()
         self.client.makeConnection(self.client_t)
         d = pair.proxy.open_stream(TARGET, RelayFactory(self.client))
         pair.flush()
         self.dialer_stream = pair.dialer.opened[-1]
         self.near, self.far = Relay(), Relay()
         link(self.near, self.far)
-        self.backend_t = HalfCloseStringTransport()
+        self.backend_t = HalfCloseTransport()
         self.far.makeConnection(self.backend_t)
         pair.dialer.accept(self.dialer_stream, self.near)
         pair.flush()
@@ -594,7 +584,7 @@ class FlowControlTests(SynchronousTestCase):
         client socket reading into an unbounded stream buffer."""
         pair = TunnelPair()
         client = Relay()
-        client_t = HalfCloseStringTransport()
+        client_t = HalfCloseTransport()
         client.makeConnection(client_t)
         client_t.pauseProducing()  # the SOCKS front end pauses the client while connecting
         client.dataReceived(b"early")
