@@ -59,12 +59,6 @@ def settings_from(config: ConnectorConfig | Any) -> tuple[Settings, TunnelTimers
     return settings, timers
 
 
-def _cancel_timer(result: object, timer: IDelayedCall) -> object:
-    if timer.active():
-        timer.cancel()
-    return result
-
-
 def backoff_delay(attempt: int, *, initial: float, maximum: float, fast_retries: int,
                   rng: Callable[[], float] = random.random) -> float:
     """Seconds to wait before connection attempt number ``attempt`` (1 = the first retry).
@@ -358,8 +352,6 @@ class ConnectorService(Service):
         tunnel = self.tunnel
         if tunnel is None or tunnel.lost:
             return succeed(None)
-        tunnel.session.go_away(ErrorCode.SHUTTING_DOWN, "connector shutting down")
-        tunnel._flush()
         done: Deferred[None] = Deferred()
 
         def closed(result: object) -> object:
@@ -368,19 +360,7 @@ class ConnectorService(Service):
             return result
 
         tunnel.closed.addBoth(closed)
-
-        def close_when_idle() -> None:
-            if tunnel.lost:
-                return
-            if not tunnel.streams or self.clock.seconds() >= deadline:
-                tunnel.close_transport()
-                abort = self.clock.callLater(2.0, tunnel._abort)
-                tunnel.closed.addBoth(_cancel_timer, abort)
-            else:
-                self.clock.callLater(0.1, close_when_idle)
-
-        deadline = self.clock.seconds() + 30.0
-        close_when_idle()
+        tunnel.drain(ErrorCode.SHUTTING_DOWN, "connector shutting down", grace=30.0)
         return done
 
     def when_up(self) -> Deferred[ConnectorTunnel]:

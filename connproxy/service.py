@@ -218,20 +218,11 @@ class ProxyService(MultiService):
         d = super().stopService()
         tunnels = list(self.tunnel_factory.tunnels)
         for tunnel in tunnels:
-            tunnel.drain()
+            tunnel.drain(grace=10.0)
         waits = [t.closed for t in tunnels if not t.lost]
         if not waits:
             return d
-
-        def force() -> None:
-            for t in tunnels:
-                if not t.lost and t.transport is not None:
-                    t.transport.abortConnection()  # type: ignore[attr-defined]
-
-        timer = self.reactor.callLater(10.0, force)
-        done = DeferredList([d, *waits], consumeErrors=True)
-        done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
-        return done
+        return DeferredList([d, *waits], consumeErrors=True)
 
 
 def connector_endpoint_factory(reactor: Any, config: ConnectorConfig) -> Callable[[], IStreamClientEndpoint]:

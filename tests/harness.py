@@ -6,7 +6,6 @@ Everything here uses real sockets and real TLS with certificates minted per test
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -327,7 +326,6 @@ class PatternProducer:
         self.fin = fin
         block = hashlib.sha256(str(seed).encode()).digest()
         self.pattern = (block * (chunk // len(block) + 1))[:chunk]
-        self.pattern = bytes(os.urandom(0)) + self.pattern
         transport.registerProducer(self, True)
         reactor.callLater(0, self._pump)
 

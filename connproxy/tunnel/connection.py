@@ -77,6 +77,8 @@ class TunnelConnection(Protocol):
         self._keepalive: LoopingCall | None = None
         self._handshake_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
+        self._drain_timer: IDelayedCall | None = None
+        self.drain_requested = False
         self._dead_timer: IDelayedCall | None = None
         self._written_while_paused = 0
         self.last_received = 0.0
@@ -114,7 +116,7 @@ class TunnelConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         """Fail pending opens, reset every stream (their relays abort) and stop the timers."""
         self.lost = True
-        for timer in (self._handshake_timer, self._abort_timer, self._dead_timer):
+        for timer in (self._handshake_timer, self._abort_timer, self._dead_timer, self._drain_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         if self._keepalive is not None and self._keepalive.running:
@@ -380,8 +382,35 @@ class TunnelConnection(Protocol):
             d.errback(TunnelLostError("stream closed before it was accepted"))
         self.streams_changed()
 
+    def drain(self, code: ErrorCode, reason: str, grace: float | None = None) -> None:
+        """GOAWAY ``code``: the peer opens no new streams here; close once the last stream ended.
+
+        With ``grace``, streams still open after that many seconds are cut: the transport is closed anyway.
+        """
+        self.drain_requested = True
+        if self.lost or self.transport is None:
+            return
+        self.session.go_away(code, reason)
+        self._flush()
+        if grace is not None and self._drain_timer is None:
+            self._drain_timer = self.clock.callLater(grace, self._drain_expired)
+        self.streams_changed()
+
+    def _drain_expired(self) -> None:
+        self._drain_timer = None
+        self._close_drained()
+
     def streams_changed(self) -> None:
-        """Hook: the number of streams changed (load-based routing, drain)."""
+        """The number of streams changed: a draining tunnel closes once it carries none."""
+        if self.drain_requested and not self.streams:
+            self._close_drained()
+
+    def _close_drained(self) -> None:
+        if self.lost or self.transport is None:
+            return
+        self.close_transport()
+        if self._abort_timer is None:
+            self._abort_timer = self.clock.callLater(2.0, self._abort)  # a peer that never closes its side
 
     def _unblock_all(self) -> None:
         blocked, self._blocked = self._blocked, {}

@@ -48,7 +48,6 @@ class ProxyTunnel(TunnelConnection):
         self._mode: str | None = None
         self._health: h11.Connection | None = None
         self._registered = False
-        self.drain_requested = False
 
     # ------------------------------------------------------------------ registry view
 
@@ -73,19 +72,12 @@ class ProxyTunnel(TunnelConnection):
         self._registered = False
         self.drain(ErrorCode.REPLACED, "replaced by a newer tunnel of the same connector")
 
-    def drain(self, code: ErrorCode = ErrorCode.SHUTTING_DOWN, reason: str = "proxy shutting down") -> None:
-        """Take no new streams; close when the last stream ends."""
-        self.drain_requested = True
-        if self.lost or self.transport is None:
-            return
-        self.session.go_away(code, reason)
-        self._flush()
-        self.streams_changed()
-
-    def streams_changed(self) -> None:
-        """Close a draining tunnel once it carries no stream."""
-        if self.drain_requested and not self.streams and not self.lost and self.transport is not None:
-            self.close_transport()
+    def drain(
+        self, code: ErrorCode = ErrorCode.SHUTTING_DOWN, reason: str = "proxy shutting down",
+        grace: float | None = None,
+    ) -> None:
+        """Take no new streams; close when the last stream ends (see :meth:`TunnelConnection.drain`)."""
+        super().drain(code, reason, grace)
 
     # ------------------------------------------------------------------ sniffing
 
