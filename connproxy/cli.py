@@ -10,7 +10,7 @@ Sub-commands (see ``contract.md``)::
 
 :func:`main` returns the exit status: 0 on success, 2 on a usage error or a failure it can explain (the
 message goes to stderr, without a traceback). ``token`` and ``demo`` are implemented in
-:mod:`connproxy.tokens` and :mod:`connproxy.demo`, imported only when used.
+:mod:`connproxy.pki.tokens` and :mod:`connproxy.demo`, imported only when used.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _fail(command: str, message: str) -> int:
 
 
 def _certs_init(args: argparse.Namespace) -> int:
-    from connproxy import certs
+    from connproxy.pki import certs
 
     directory = Path(args.dir)
     had_ca = (directory / certs.CA_CERT_FILE).exists() and (directory / certs.CA_KEY_FILE).exists()
@@ -67,7 +67,7 @@ def _certs_init(args: argparse.Namespace) -> int:
 
 
 def _certs_connector(args: argparse.Namespace) -> int:
-    from connproxy import certs
+    from connproxy.pki import certs
 
     try:
         crt, key = certs.issue_connector(args.dir, args.subaccount, args.location, args.out)
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--ttl", type=_positive_int, default=3600, metavar="S", help="lifetime in seconds (default 3600)"
     )
-    token.set_defaults(handler=_delegate("connproxy.tokens", "main_token", "token"))
+    token.set_defaults(handler=_delegate("connproxy.pki.tokens", "main_token", "token"))
 
     demo = commands.add_parser("demo", help="run proxy, connector and a backend in one process on loopback")
     demo.add_argument(

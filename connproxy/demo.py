@@ -58,8 +58,8 @@ def _port_or_zero(port: int) -> int:
 
 async def run_demo(reactor: Any, out: Any = sys.stdout) -> Any:
     """Start everything and print the commands; returns the services (for tests)."""
-    from connproxy.connector import ConnectorService
-    from connproxy.service import ProxyService, make_connector_service
+    from connproxy.connector.dialer import ConnectorService, make_connector_service
+    from connproxy.proxy.service import ProxyService
 
     backend = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(_Hello()))
     backend_port = backend.getHost().port

@@ -20,10 +20,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connproxy.certs import mint_test_pki
 from connproxy.config import connector_config_from_mapping, proxy_config_from_mapping
-from connproxy.connector import ConnectorService
-from connproxy.service import ProxyService, make_connector_service
+from connproxy.connector.dialer import ConnectorService, make_connector_service
+from connproxy.pki.certs import mint_test_pki
+from connproxy.proxy.service import ProxyService
 
 reactor: Any = global_reactor
 

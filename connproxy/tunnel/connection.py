@@ -36,7 +36,15 @@ from connproxy.wire.events import (
     StreamReset,
     WindowUpdated,
 )
-from connproxy.wire.session import MAX_CONTROL_BACKLOG, Role, Session, Settings
+from connproxy.wire.session import (
+    DEFAULT_DEAD_AFTER_SECONDS,
+    DEFAULT_OPEN_TIMEOUT_SECONDS,
+    DEFAULT_PING_INTERVAL_SECONDS,
+    MAX_CONTROL_BACKLOG,
+    Role,
+    Session,
+    Settings,
+)
 
 _PING = struct.Struct(">d")
 
@@ -48,10 +56,10 @@ class TunnelTimers:
 
     def __init__(
         self,
-        ping_interval: float = 10.0,
-        dead_after: float = 30.0,
-        open_timeout: float = 15.0,
-        handshake_timeout: float = 15.0,
+        ping_interval: float = DEFAULT_PING_INTERVAL_SECONDS,
+        dead_after: float = DEFAULT_DEAD_AFTER_SECONDS,
+        open_timeout: float = DEFAULT_OPEN_TIMEOUT_SECONDS,
+        handshake_timeout: float = DEFAULT_OPEN_TIMEOUT_SECONDS,
     ) -> None:
         self.ping_interval = ping_interval
         self.dead_after = dead_after

@@ -143,6 +143,15 @@ class TunnelStream:
         else:
             self.loseConnection()
 
+    def refuse(self, code: ErrorCode, reason: str, local_reason: str | None = None) -> None:
+        """End the stream from this side with RESET ``code``: the peer is told ``reason`` and the protocol (if
+        any) sees a :class:`StreamResetError` with ``local_reason`` (default ``reason``). Does nothing on a
+        stream already closed."""
+        if self._closed:
+            return
+        self.connection.reset_stream(self.stream_id, code, reason)
+        self.reset(code, reason if local_reason is None else local_reason)
+
     def reset(self, code: ErrorCode, reason: str) -> None:
         """The stream was reset (by the peer, or because the tunnel is gone).
 

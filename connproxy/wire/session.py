@@ -14,7 +14,7 @@ import enum
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from connproxy.wire import frames as f
 from connproxy.wire.errors import ErrorCode, OpenTooLargeError, ProtocolError, StreamStateError
@@ -51,14 +51,25 @@ class Role(enum.Enum):
     LISTENER = "listener"
 
 
+#: The one set of tunnel tuning defaults (spec section 6); the ``tunnel`` configuration block and the Twisted
+#: glue take theirs from here.
+DEFAULT_STREAM_WINDOW: Final = 4 * 1024 * 1024
+DEFAULT_CONNECTION_WINDOW: Final = 64 * 1024 * 1024
+DEFAULT_MAX_FRAME: Final = 65536
+DEFAULT_MAX_STREAMS: Final = 10000
+DEFAULT_PING_INTERVAL_SECONDS: Final = 10.0
+DEFAULT_DEAD_AFTER_SECONDS: Final = 30.0
+DEFAULT_OPEN_TIMEOUT_SECONDS: Final = 15.0
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What this side accepts (announced in HELLO). See spec section 6 for the defaults."""
 
-    stream_window: int = 4 * 1024 * 1024
-    connection_window: int = 64 * 1024 * 1024
-    max_frame: int = 65536
-    max_streams: int = 10000
+    stream_window: int = DEFAULT_STREAM_WINDOW
+    connection_window: int = DEFAULT_CONNECTION_WINDOW
+    max_frame: int = DEFAULT_MAX_FRAME
+    max_streams: int = DEFAULT_MAX_STREAMS
 
     def __post_init__(self) -> None:
         if not 1 <= self.stream_window <= f.MAX_WINDOW:

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 
-from connproxy.tokens import issue_token
+from connproxy.pki.tokens import issue_token
 from tests.harness import Echo, Stack, reactor, serve, tcp_rule, wait_for
 from tests.http_harness import (
     Silent,
@@ -374,7 +374,7 @@ def test_https_mapping_verifies_the_backend_certificate(stack: Stack, tmp_path: 
     ca = tmp_path / "backend-ca.crt"
     ca.write_bytes(stack.pki.ca_cert_pem)
     wrong = tmp_path / "wrong-ca.crt"
-    from connproxy.certs import mint_test_pki
+    from connproxy.pki.certs import mint_test_pki
 
     wrong.write_bytes(mint_test_pki().ca_cert_pem)
     yield up(stack, [

@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.protocol import Protocol
 
-from connproxy.tokens import issue_token, load_or_create_signing_key
+from connproxy.pki.tokens import issue_token, load_or_create_signing_key
 from tests.harness import Stack, serve, socks_connect, tcp_rule, wait_for
 
 TENANTS = ("tenant-a", "tenant-b", "tenant-c")

@@ -22,7 +22,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from connproxy.auth import AuthError, KeyStore, TokenVerifier
+from connproxy.proxy.auth import AuthError, KeyStore, TokenVerifier
 
 CLIENT = "sb-app!t1"
 

@@ -1,4 +1,4 @@
-"""Tests for :mod:`connproxy.audit`: SAP's ``[AUDIT-EVENT]`` line shape, one line per event, no tokens."""
+"""Tests for :mod:`connproxy.obs.audit`: SAP's ``[AUDIT-EVENT]`` line shape, one line per event, no tokens."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from connproxy import audit
-from connproxy.audit import AUDIT_PREFIX, FALLBACK_USER
+from connproxy.obs import audit
+from connproxy.obs.audit import AUDIT_PREFIX, FALLBACK_USER
 
 NOW = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z
 

@@ -1,4 +1,4 @@
-"""Tests for :mod:`connproxy.auth`: every attack refused with its own reason, the key store's fetch rate limit,
+"""Tests for :mod:`connproxy.proxy.auth`: every attack refused with its own reason, the key store's fetch rate limit,
 and the tenant-mode × authorization matrix. Synchronous: a ``task.Clock`` and a fake JWKS fetcher, no reactor.
 """
 
@@ -23,7 +23,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connproxy.auth import (
+from connproxy.proxy.auth import (
     ALLOWED_ALGORITHMS,
     AUTH_REASONS,
     AuthError,

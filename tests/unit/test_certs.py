@@ -1,4 +1,4 @@
-"""Tests for connproxy.certs (minting, identity, PEM files, the PKI directory) and connproxy.state."""
+"""Tests for connproxy.pki.certs (minting, identity, PEM files, the PKI directory) and connproxy.pki.state."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from connproxy import certs, state
-from connproxy.certs import (
+from connproxy.pki import certs, state
+from connproxy.pki.certs import (
     CertificateIdentityError,
     ConnectorIdentity,
     PKIError,

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from connproxy import certs, cli
-from connproxy.certs import ConnectorIdentity
+from connproxy import cli
+from connproxy.pki import certs
+from connproxy.pki.certs import ConnectorIdentity
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -147,7 +148,7 @@ def test_config_check_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "missing.yaml: cannot read" in err
 
 
-@pytest.mark.parametrize(("command", "module"), [("token", "connproxy.tokens"), ("demo", "connproxy.demo")])
+@pytest.mark.parametrize(("command", "module"), [("token", "connproxy.pki.tokens"), ("demo", "connproxy.demo")])
 def test_delegates_not_available(
     command: str, module: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -174,9 +175,9 @@ def test_token_arguments_are_passed(monkeypatch: pytest.MonkeyPatch, capsys: pyt
         print("jwt")
         return 0
 
-    fake = types.ModuleType("connproxy.tokens")
+    fake = types.ModuleType("connproxy.pki.tokens")
     fake.main_token = main_token  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "connproxy.tokens", fake)
+    monkeypatch.setitem(sys.modules, "connproxy.pki.tokens", fake)
     status, out, _ = _run(capsys, "token", "--dir", "d", "--subaccount", "s", "--client-id", "c")
     assert (status, out) == (0, "jwt\n")
     (args,) = seen

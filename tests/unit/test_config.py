@@ -32,7 +32,7 @@ from connproxy.config import (
     load_proxy_config,
     proxy_config_from_mapping,
 )
-from connproxy.state import DEV_SUBACCOUNT
+from connproxy.pki.state import DEV_SUBACCOUNT
 
 # The samples from contract.md, verbatim.
 CONTRACT_PROXY_YAML = """\

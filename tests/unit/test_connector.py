@@ -1,4 +1,4 @@
-"""Unit tests for :mod:`connproxy.connector`: reconnect backoff, the dial loop and the backend dialer.
+"""Unit tests for :mod:`connproxy.connector.dialer`: reconnect backoff, the dial loop and the backend dialer.
 
 No sockets and no real time: the service runs on a ``MemoryReactorClock`` with scripted endpoints; the proxy end of
 a tunnel is the sans-IO :class:`connproxy.wire.session.Session` fed by hand from a ``StringTransport``.
@@ -19,9 +19,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from connproxy.backend import reset_code_for
 from connproxy.config import AccessRule, ConnectorConfig, connector_config_from_mapping
-from connproxy.connector import BackendDialer, ConnectorService, ConnectorTunnel, backoff_delay
+from connproxy.connector.backend import reset_code_for
+from connproxy.connector.dialer import ConnectorService, ConnectorTunnel, backoff_delay
+from connproxy.connector.tcp import BackendDialer
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import (
     DataReceived,

@@ -16,8 +16,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from connproxy.config import AccessRule, ConnectorConfig, Resource
-from connproxy.connector import BackendDialer
-from connproxy.connector_http import BackendPool, HttpGateway, rewrite_location
+from connproxy.connector.http_gateway import BackendPool, rewrite_location
+from connproxy.connector.tcp import BackendDialer
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import OpenRequest
 from tests import doubles
@@ -43,6 +43,12 @@ class FakeStream(Transport):
     def reset(self, code: ErrorCode, reason: str) -> None:
         self.closed = True
         self.reset_with = (code, reason)
+
+    def refuse(self, code: ErrorCode, reason: str, local_reason: str | None = None) -> None:
+        if self.closed:
+            return
+        self.connection.reset_stream(self.stream_id, code, reason)
+        self.reset(code, reason if local_reason is None else local_reason)
 
     def loseConnection(self) -> None:
         super().loseConnection()
@@ -111,8 +117,9 @@ class Setup:
         self.audit: list[str] = []
         self.backends = Backends()
         self.config = ConnectorConfig(connector_id="c1", access_control=RULES)
-        self.gateway = HttpGateway(self.clock, self.config, self.backends.endpoint_for,  # type: ignore[arg-type]
-                                   audit_writer=self.audit.append)
+        self.dialer = BackendDialer(self.clock, self.config, self.backends.endpoint_for,  # type: ignore[arg-type]
+                                    audit_writer=self.audit.append)
+        self.gateway = self.dialer.http
         self.tunnel = FakeTunnel()
         self.next_id = 2
 
@@ -122,7 +129,7 @@ class Setup:
                 "http": {"method": method, "target": target, "upgrade": upgrade}}
         stream = FakeStream(self.tunnel, self.next_id, OpenRequest(host, port, "http", meta))
         self.next_id += 2
-        self.gateway.handle(self.tunnel, stream)
+        self.dialer.handle(self.tunnel, stream)  # type: ignore[arg-type]
         return stream
 
 
@@ -195,7 +202,7 @@ def test_allowed_exact_and_query_ignored() -> None:
 def test_missing_http_metadata_is_a_protocol_error() -> None:
     s = Setup()
     stream = FakeStream(s.tunnel, 2, OpenRequest("erp.internal", 8080, "http", {"tenant": "t"}))
-    s.gateway.handle(s.tunnel, stream)
+    s.dialer.handle(s.tunnel, stream)  # type: ignore[arg-type]
     assert s.tunnel.resets[0][1] == ErrorCode.PROTOCOL_ERROR
 
 
@@ -353,7 +360,7 @@ def test_rewrite_location(location: bytes, expected: bytes) -> None:
 def test_pool_is_bounded_and_expires() -> None:
     clock = Clock()
     pool = BackendPool(clock, max_idle_per_backend=2, idle_timeout=5.0)
-    from connproxy.connector_http import HttpBackend
+    from connproxy.connector.http_gateway import HttpBackend
 
     backends = []
     for _ in range(3):

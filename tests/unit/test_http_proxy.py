@@ -11,14 +11,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from connproxy.auth import AuthError, Caller
-from connproxy.http_proxy import (
-    HttpProxyFactory,
-    HttpProxyProtocol,
-    end_to_end_headers,
-    split_authority,
-    upgrade_of,
-)
+from connproxy.http.headers import end_to_end_headers, split_authority, upgrade_of
+from connproxy.proxy.auth import AuthError, Caller
+from connproxy.proxy.http_frontend import HttpProxyFactory, HttpProxyProtocol
 from connproxy.relay import Relay
 from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, StreamResetError
 from connproxy.wire.errors import ErrorCode
@@ -529,7 +524,7 @@ def test_chunked_answer_to_an_http_1_0_client_is_close_delimited() -> None:
 
 
 def test_connection_header_cannot_strip_framing_or_host() -> None:
-    from connproxy.http_proxy import end_to_end_headers
+    from connproxy.http.headers import end_to_end_headers
 
     kept = end_to_end_headers([(b"Content-Length", b"5"), (b"Host", b"h"), (b"X-A", b"1"),
                                (b"Connection", b"content-length, host, x-a")])

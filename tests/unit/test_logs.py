@@ -9,7 +9,7 @@ from twisted.application.service import Application
 from twisted.logger import ILogObserver, Logger
 
 from connproxy.config import LoggingConfig
-from connproxy.logs import install, observer_for
+from connproxy.obs.logs import install, observer_for
 
 
 def test_default_keeps_twistds_observer() -> None:

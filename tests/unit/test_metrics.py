@@ -7,10 +7,10 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Factory, Protocol
 
-from connproxy.metrics import ProxyMetrics
-from connproxy.routing import Router
+from connproxy.proxy.metrics import ProxyMetrics
+from connproxy.proxy.registry import ConnectorRegistry
+from connproxy.proxy.routing import Router
 from connproxy.tunnel.errors import OpenTimeoutError, StreamRefusedError
-from connproxy.tunnel.registry import ConnectorRegistry
 from connproxy.wire.errors import ErrorCode
 
 

@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN_FILE = ROOT / "twisted" / "plugins" / "connproxy_plugin.py"
-TAPNAMES = {"connproxy": "connproxy.tap", "connproxy-connector": "connproxy.connector_tap"}
+TAPNAMES = {"connproxy": "connproxy.proxy.tap", "connproxy-connector": "connproxy.connector.tap"}
 
 
 class DiscoveryTests(SynchronousTestCase):
@@ -90,20 +90,20 @@ class BadConfigTests(SynchronousTestCase):
         return caught.exception
 
     def test_proxy_unknown_key_is_named(self) -> None:
-        error = self.make("connproxy.tap", "tenantMode: dedicated\nsubaccountId: t\nbogusKey: 1\n")
+        error = self.make("connproxy.proxy.tap", "tenantMode: dedicated\nsubaccountId: t\nbogusKey: 1\n")
         self.assertIn("bogusKey", str(error))
 
     def test_proxy_bad_value_is_named_with_its_path(self) -> None:
-        error = self.make("connproxy.tap", "servers:\n  proxy:\n    socks5:\n      port: 99999\n")
+        error = self.make("connproxy.proxy.tap", "servers:\n  proxy:\n    socks5:\n      port: 99999\n")
         self.assertIn("servers.proxy.socks5.port", str(error))
 
     def test_connector_bad_value_is_named_with_its_path(self) -> None:
-        error = self.make("connproxy.connector_tap", "subaccountId: t\nreconnect:\n  fastRetries: -3\n")
+        error = self.make("connproxy.connector.tap", "subaccountId: t\nreconnect:\n  fastRetries: -3\n")
         self.assertIn("reconnect.fastRetries", str(error))
 
     def test_missing_file_is_a_usage_error(self) -> None:
-        options = importlib.import_module("connproxy.tap").Options()
+        options = importlib.import_module("connproxy.proxy.tap").Options()
         options.parseOptions(["--config", str(self.tmp / "missing.yaml")])
         with self.assertRaises(usage.UsageError) as caught:
-            importlib.import_module("connproxy.tap").makeService(options)
+            importlib.import_module("connproxy.proxy.tap").makeService(options)
         self.assertIn("missing.yaml", str(caught.exception))

@@ -1,4 +1,4 @@
-"""Unit tests for :class:`connproxy.tunnel.registry.ConnectorRegistry` with fake tunnels."""
+"""Unit tests for :class:`connproxy.proxy.registry.ConnectorRegistry` with fake tunnels."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from connproxy.tunnel.registry import ConnectorRegistry
+from connproxy.proxy.registry import ConnectorRegistry
 
 
 @dataclass(eq=False)

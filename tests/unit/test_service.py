@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from connproxy.certs import mint_test_pki
 from connproxy.config import connector_config_from_mapping, embedded_proxy_config, proxy_config_from_mapping
-from connproxy.service import ProxyService, make_connector_service
+from connproxy.connector.dialer import make_connector_service
+from connproxy.pki.certs import mint_test_pki
+from connproxy.proxy.service import ProxyService
 
 
 def test_proxy_listeners_follow_the_configuration(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Unit tests for the SOCKS5 front end's Twisted glue, :class:`connproxy.socks.Socks5Protocol`.
+"""Unit tests for the SOCKS5 front end's Twisted glue, :class:`connproxy.proxy.socks.Socks5Protocol`.
 
 The client socket is a ``StringTransport``; the router hands out a fake ``IStreamClientEndpoint`` whose
 ``connect()`` returns a Deferred the test fires by hand; the authorizer is a fake too. Time is a ``task.Clock``.
@@ -22,12 +22,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from connproxy.auth import AuthError
+from connproxy.proxy.auth import AuthError
+from connproxy.proxy.registry import ConnectorRegistry
+from connproxy.proxy.routing import Router
+from connproxy.proxy.socks import Socks5Factory, Socks5Protocol
 from connproxy.relay import Relay
-from connproxy.routing import Router
-from connproxy.socks import Socks5Factory, Socks5Protocol
 from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, TunnelLostError
-from connproxy.tunnel.registry import ConnectorRegistry
 from connproxy.wire.errors import ErrorCode
 from tests.doubles import HalfCloseTransport
 

@@ -1,4 +1,4 @@
-"""Tests for :mod:`connproxy.tokens` (``connproxy token``): the minted tokens verify with the JWKS written
+"""Tests for :mod:`connproxy.pki.tokens` (``connproxy token``): the minted tokens verify with the JWKS written
 next to the key, the key and its kid are stable, and the command prints one JWT and nothing else.
 """
 
@@ -19,8 +19,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from connproxy.auth import Authorizer, KeyStore, TokenVerifier
-from connproxy.tokens import (
+from connproxy.pki.tokens import (
     SIGNING_KEY_FILE,
     TOKEN_KEYS_FILE,
     TokenError,
@@ -30,6 +29,7 @@ from connproxy.tokens import (
     main_token,
     rsa_thumbprint,
 )
+from connproxy.proxy.auth import Authorizer, KeyStore, TokenVerifier
 
 NOW = 1_700_000_000
 

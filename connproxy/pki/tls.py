@@ -22,7 +22,7 @@ from twisted.internet.ssl import (
     optionsForClientTLS,
 )
 
-from connproxy.certs import CertificateIdentityError, ConnectorIdentity, connector_identity
+from connproxy.pki.certs import CertificateIdentityError, ConnectorIdentity, connector_identity
 
 #: ALPN names: the tunnel's own, and HTTP/1.1 for the health check (curl offers ALPN; OpenSSL needs a
 #: server-side selection to answer it).

@@ -9,12 +9,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 
-from connproxy import audit
-from connproxy.routing import Router
+from connproxy.obs import audit
+from connproxy.proxy.routing import Router
 
 
 class Authorizing(TypingProtocol):
-    """What the front ends need of :class:`connproxy.auth.Authorizer`."""
+    """What the front ends need of :class:`connproxy.proxy.auth.Authorizer`."""
 
     def authorize(self, *, proxy_token: str | None, service_token: str | None = None) -> Deferred[Any]:
         """Fire with a caller (``.tenant``, ``.client_id``) or fail with an ``AuthError``."""

@@ -499,7 +499,7 @@ def write_pem_pair(
     """Write a certificate (mode 0644) and its key (mode 0600, PKCS#8), each atomically (temp file + rename).
 
     The key is written first. The two renames are separate, so a concurrent reader may see a new key with an
-    old certificate for a moment; :mod:`connproxy.state` avoids that by renaming a whole directory.
+    old certificate for a moment; :mod:`connproxy.pki.state` avoids that by renaming a whole directory.
 
     :raises OSError: a file cannot be written (the containing directory must exist).
     """

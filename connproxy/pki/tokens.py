@@ -10,7 +10,7 @@ A token directory holds:
 
 Tokens are RS256 JWTs with header ``kid`` and claims ``client_id`` and ``cid`` (the client id), ``zid`` and
 ``ext_attr.subaccountid`` (the subaccount), ``iat`` and ``exp``: the XSUAA claims that
-:mod:`connproxy.auth` reads. :func:`issue_token` is the library form, used by tests to mint tokens (with
+:mod:`connproxy.proxy.auth` reads. :func:`issue_token` is the library form, used by tests to mint tokens (with
 extra claims or headers, or at another time); :func:`main_token` is the command.
 """
 
@@ -32,7 +32,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from connproxy.certs import atomic_write
+from connproxy.pki.certs import atomic_write
 
 __all__ = [
     "SIGNING_KEY_FILE",

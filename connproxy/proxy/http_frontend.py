@@ -25,7 +25,7 @@ larger than ``maxHeaderBytes``), and for failed tunnel streams the status of
 502 backend refused or reset, 504 backend or first-byte timeout.
 
 :func:`end_to_end_headers` and :class:`H11Relay` are shared with the connector's side
-(:mod:`connproxy.connector_http`).
+(:mod:`connproxy.connector.http_gateway`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,33 +46,26 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connproxy import audit
-from connproxy.auth import AuthError, bearer_token
-from connproxy.frontend import Authorizing, FrontEndFactory
+from connproxy.http.h11relay import REASONS, H11Relay, HttpError, error_response_events, send_event
+from connproxy.http.headers import (
+    end_to_end_headers,
+    forwarded_request_headers,
+    forwarded_response_headers,
+    has_body,
+    header_list,
+    header_values,
+    split_authority,
+    upgrade_of,
+)
+from connproxy.obs import audit
+from connproxy.proxy.auth import AuthError, bearer_token
+from connproxy.proxy.frontend import Authorizing, FrontEndFactory
+from connproxy.proxy.replies import http_status_for, open_failure_text
+from connproxy.proxy.routing import Router
 from connproxy.relay import Relay, RelayFactory, describe_transport, unwire, wire
-from connproxy.routing import Router
-from connproxy.tunnel.errors import StreamRefusedError, StreamResetError, http_status_for
-from connproxy.wire.errors import ErrorCode
+from connproxy.tunnel.errors import StreamRefusedError, StreamResetError
 
 Headers = list[tuple[bytes, bytes]]
-
-#: Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1), plus the proxy's own.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"expect",
-    }
-)
-#: Prefixes of SAP's service headers: consumed by the proxy, never forwarded to the connector or backend.
-SAP_PREFIXES = (b"sap-connectivity-", b"sap-cp-connectivity-")
 
 H_LOCATION_ID = b"sap-connectivity-scc-location_id"
 H_USER = b"sap-connectivity-authentication"
@@ -82,141 +75,7 @@ H_PROXY_AUTHORIZATION = b"proxy-authorization"
 
 #: The largest principal-propagation token carried in OPEN metadata (OPEN payloads are at most 64 KiB).
 MAX_PROPAGATED_TOKEN_BYTES = 16384
-_NEVER_HOP_BY_HOP = frozenset({b"content-length", b"host"})
 _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+(?: [\x21-\x7e]+)?")
-
-_REASONS = {
-    200: b"Connection established",
-    400: b"Bad Request",
-    403: b"Forbidden",
-    405: b"Method Not Allowed",
-    407: b"Proxy Authentication Required",
-    408: b"Request Timeout",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
-
-
-# ---------------------------------------------------------------------------------------------------- headers
-
-
-def header_list(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """``headers`` as a plain list of ``(name, value)`` pairs.
-
-    An ``h11.Headers`` is a ``collections.abc.Sequence`` that iterates through ``__getitem__``, one Python call
-    per header: a message's headers are scanned several times per request, so they are listed once.
-    """
-    return headers if type(headers) is list else list(headers)
-
-
-def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
-
-
-def header_values(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    """Every value of header ``name`` (lower-case), in order."""
-    return [v for n, v in headers if n.lower() == name]
-
-
-def upgrade_of(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
-    """The ``Upgrade`` value of a message that asks for a protocol switch (``Connection: upgrade``), else None."""
-    headers = header_list(headers)
-    if b"upgrade" not in _connection_tokens(headers):
-        return None
-    values = header_values(headers, b"upgrade")
-    return b", ".join(values) if values else None
-
-
-def end_to_end_headers(
-    headers: Iterable[tuple[bytes, bytes]], *, drop: Iterable[bytes] = (), drop_sap: bool = True
-) -> Headers:
-    """``headers`` without the hop-by-hop ones (also those named in ``Connection``), SAP's service headers and
-    ``drop`` (lower-case names). Framing (``Content-Length`` stays; ``Transfer-Encoding`` goes) is h11's job;
-    callers add ``Transfer-Encoding: chunked`` and the upgrade headers back where a message needs them."""
-    items = [(n.lower(), v) for n, v in headers]
-    # A header named in Connection is hop-by-hop, but never the message's framing or its Host: dropping those
-    # would change what the request means (a POST whose Content-Length is gone has no body any more).
-    named = _connection_tokens(items) - _NEVER_HOP_BY_HOP
-    dropped = HOP_BY_HOP | named | frozenset(drop)
-    return [
-        (n, v) for n, v in items if n not in dropped and not (drop_sap and n.startswith(SAP_PREFIXES))
-    ]
-
-
-def is_chunked(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Whether a message is framed with ``Transfer-Encoding: chunked`` (the only coding h11 accepts)."""
-    return bool(header_values(headers, b"transfer-encoding"))
-
-
-def forwarded_request_headers(headers: Sequence[tuple[bytes, bytes]], upgrade: bytes | None) -> Headers:
-    """The end-to-end headers of a request to pass on, with its framing and upgrade offer restated.
-
-    ``Content-Length`` goes where ``Transfer-Encoding`` is present (a request must not carry both onwards).
-    """
-    headers = header_list(headers)
-    chunked = is_chunked(headers)
-    out = end_to_end_headers(headers, drop=(b"content-length",) if chunked else ())
-    if chunked:
-        out.append((b"transfer-encoding", b"chunked"))
-    if upgrade is not None:
-        out += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
-    return out
-
-
-def forwarded_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
-    """The end-to-end headers of a response to pass on; h11 frames it again (chunked where no length is known)."""
-    headers = header_list(headers)
-    return end_to_end_headers(headers, drop=(b"content-length",) if is_chunked(headers) else ())
-
-
-def has_body(request: h11.Request) -> bool:
-    """Whether a request announces a body (``Transfer-Encoding``, or a ``Content-Length`` other than 0)."""
-    headers = header_list(request.headers)
-    if header_values(headers, b"transfer-encoding"):
-        return True
-    return any(v.strip() not in (b"0", b"") for v in header_values(headers, b"content-length"))
-
-
-def split_authority(authority: str, default_port: int | None) -> tuple[str, int]:
-    """``host[:port]`` (IPv6 in brackets) as ``(host, port)``.
-
-    :raises ValueError: empty host, a bad or missing port (where ``default_port`` is None), or junk.
-    """
-    if not authority or any(c in authority for c in "/?#@ \t"):
-        raise ValueError(f"bad authority {authority!r}")
-    if authority.startswith("["):
-        end = authority.find("]")
-        if end < 0:
-            raise ValueError(f"bad IPv6 literal in {authority!r}")
-        host, rest = authority[1:end], authority[end + 1:]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"bad authority {authority!r}")
-        port_text = rest[1:] if rest else None
-    else:
-        host, sep, port_text_ = authority.rpartition(":")
-        if not sep:
-            host, port_text = authority, None
-        else:
-            port_text = port_text_
-        if ":" in host:
-            raise ValueError(f"IPv6 literal without brackets in {authority!r}")
-    if not host:
-        raise ValueError(f"empty host in {authority!r}")
-    if port_text is None or port_text == "":
-        if default_port is None:
-            raise ValueError(f"no port in {authority!r}")
-        return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"bad port in {authority!r}")
-    return host, int(port_text)
 
 
 def _carries_user(token: str) -> bool:
@@ -233,236 +92,6 @@ def _carries_user(token: str) -> bool:
         return True
     return any(isinstance(claims.get(k), str) and claims.get(k) for k in ("user_name", "user_id", "user_uuid"))
 
-
-# ---------------------------------------------------------------------------------------------------- h11 relay
-
-try:
-    # h11's reader of a Content-Length body: the counted-body fast path of H11Relay lowers its count of the bytes
-    # left. An internal class: without it (or the attributes used) the fast path stays off.
-    from h11 import _readers
-
-    _ContentLengthReader: Any = _readers.ContentLengthReader
-except (ImportError, AttributeError):  # pragma: no cover - another h11
-    _ContentLengthReader = None
-
-
-def _fast_body_supported() -> bool:
-    """Whether this h11 has the internals the counted-body fast path relies on."""
-    if _ContentLengthReader is None:
-        return False
-    try:
-        conn: Any = h11.Connection(h11.SERVER)
-        reader: Any = _ContentLengthReader(1)
-        return (
-            reader._remaining == 1 and conn._reader is not None and not conn._receive_buffer
-            and conn._receive_buffer_closed is False and conn.client_is_waiting_for_100_continue is False
-        )
-    except Exception:  # pragma: no cover - another h11
-        return False
-
-
-_FAST_BODY = _fast_body_supported()
-
-
-class HttpError(Exception):
-    """An answer of the proxy (or connector) itself: ``status`` with a short plain-text ``message``."""
-
-    def __init__(self, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = list(headers)
-
-
-def send_event(conn: h11.Connection, transport: Any, event: h11.Event) -> None:
-    """Serialize ``event`` with ``conn`` and write it to ``transport`` (body data is not copied).
-
-    :raises h11.LocalProtocolError: the event does not fit the connection's state (a bug, or trailers on a
-        non-chunked body).
-    """
-    chunks = conn.send_with_data_passthrough(event)
-    if chunks and transport is not None:
-        # h11 hands body data out as bytearrays; Twisted transports take bytes only.
-        transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
-
-
-def error_response_events(
-    status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = (), *, close: bool = False,
-    head: bool = False,
-) -> list[h11.Event]:
-    """The h11 events of a short ``text/plain`` answer (without the body for a ``HEAD`` request)."""
-    body = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
-    head_fields: Headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode("ascii")),
-        *headers,
-    ]
-    if close:
-        head_fields.append((b"connection", b"close"))
-    response = h11.Response(status_code=status, headers=head_fields, reason=_REASONS.get(status, b""))
-    if head:
-        return [response, h11.EndOfMessage()]
-    return [response, h11.Data(data=body), h11.EndOfMessage()]
-
-
-class H11Relay(Relay):
-    """A relay side that speaks HTTP/1.1 through an h11 connection until a protocol switch, then relays raw bytes.
-
-    :meth:`dataReceived` feeds the h11 connection and :meth:`pump` hands each event to :meth:`handle_event`
-    while :meth:`can_pump` allows it (a side waiting for routing keeps its events in h11's buffer; the
-    transport is paused meanwhile). After :meth:`switch_to_raw` the side is a plain :class:`Relay`.
-    """
-
-    log = Logger()
-
-    def __init__(self, conn: h11.Connection, peer: Relay | None = None) -> None:
-        super().__init__(peer)
-        self.conn = conn
-        self.raw = False
-        self._pumping = False
-
-    def dataReceived(self, data: bytes) -> None:
-        """Feed h11 (or relay raw bytes after a switch); the bytes of a counted body bypass h11's buffer."""
-        if self.raw:
-            super().dataReceived(data)
-            return
-        if _FAST_BODY and not self._pumping and self._pass_counted_body(data):
-            return
-        try:
-            self.conn.receive_data(data)
-        except RuntimeError:  # data after our side closed: nothing will read it
-            return
-        self.pump()
-
-    def _pass_counted_body(self, data: bytes) -> bool:
-        """The fast path for bytes of a ``Content-Length`` body: hand them on as one :class:`h11.Data` event of
-        the very bytes read, without h11's buffer (which copies them twice) and its per-event state machine.
-
-        Taken only where h11 would produce exactly that event: it reads a counted body (its reader is a
-        ``ContentLengthReader`` with bytes left), nothing is buffered before ``data`` (so these are the next body
-        bytes) and events may be taken now. h11's count of what is left is lowered by what passed, so h11 stays
-        where it would be had it parsed them: it reports the end of the body (``EndOfMessage``, then the next
-        cycle) and a body cut short at EOF (``RemoteProtocolError``) as ever, and bytes past the body go to it.
-        Returns False (nothing done) where the ordinary path must be taken.
-        """
-        conn: Any = self.conn
-        reader = conn._reader
-        if type(reader) is not _ContentLengthReader:
-            return False
-        left: int = reader._remaining
-        if not left or conn._receive_buffer or conn._receive_buffer_closed or self.transport is None or \
-                not self.can_pump():
-            return False
-        if len(data) <= left:
-            chunk, rest = data, b""
-        else:
-            chunk, rest = data[:left], data[left:]
-        reader._remaining = left - len(chunk)
-        if conn.their_role is h11.CLIENT:
-            conn.client_is_waiting_for_100_continue = False  # as h11 does on request body data
-        self._pumping = True
-        try:
-            self.handle_event(h11.Data(data=chunk))
-        except Exception:
-            self.log.failure("bug while handling an HTTP Data event")
-            self.internal_error()
-            failed = True
-        else:
-            failed = False
-        finally:
-            self._pumping = False
-        if rest:
-            try:
-                conn.receive_data(rest)
-            except RuntimeError:
-                return True
-        if not failed and (rest or not reader._remaining):
-            self.pump()  # the end of the body (EndOfMessage) and whatever follows it
-        return True
-
-    def readConnectionLost(self) -> None:
-        """The far end sent FIN: h11 learns it (a close-delimited body ends, a truncated one fails)."""
-        if self.raw:
-            super().readConnectionLost()
-            return
-        try:
-            self.conn.receive_data(b"")
-        except RuntimeError:
-            return
-        self.pump()
-
-    def writeConnectionLost(self) -> None:
-        """Our write side is shut (HTTP mode: the request or response was complete)."""
-        if self.raw:
-            super().writeConnectionLost()
-
-    def can_pump(self) -> bool:
-        """Hook: whether events may be taken from h11 now."""
-        return True
-
-    def pump(self) -> None:
-        """Hand h11's events to :meth:`handle_event` until it needs data, pauses, or :meth:`can_pump` says stop."""
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while not self.raw and self.can_pump() and self.transport is not None:
-                try:
-                    event = self.conn.next_event()
-                except h11.RemoteProtocolError as error:
-                    self.protocol_error(error)
-                    return
-                if event is h11.NEED_DATA:
-                    return
-                if event is h11.PAUSED:
-                    self.paused_by_h11()
-                    return
-                assert isinstance(event, h11.Event)
-                try:
-                    self.handle_event(event)
-                except Exception:
-                    self.log.failure("bug while handling an HTTP {event} event", event=type(event).__name__)
-                    self.internal_error()
-                    return
-                if isinstance(event, h11.ConnectionClosed):
-                    return
-        finally:
-            self._pumping = False
-
-    def paused_by_h11(self) -> None:
-        """h11 holds what follows the current message until the cycle ends: stop reading meanwhile."""
-        pause = getattr(self.transport, "pauseProducing", None)
-        if pause is not None:
-            pause()
-
-    def handle_event(self, event: h11.Event) -> None:
-        """Hook: one parsed event."""
-        raise NotImplementedError
-
-    def protocol_error(self, error: h11.RemoteProtocolError) -> None:
-        """Hook: the far end broke HTTP/1.1."""
-        raise NotImplementedError
-
-    def internal_error(self) -> None:
-        """Hook: handling an event failed (a bug, logged already); by default the connection is aborted."""
-        abort = getattr(self.transport, "abortConnection", None)
-        if abort is not None:
-            abort()
-
-    def switch_to_raw(self) -> None:
-        """After a protocol switch (CONNECT 2xx, 101): relay raw bytes, starting with what h11 read past the
-        message. The side must be wired (or hold the bytes until it is)."""
-        self.raw = True
-        data, closed = self.conn.trailing_data
-        if data:
-            Relay.dataReceived(self, data)
-        if closed:
-            Relay.readConnectionLost(self)
-        elif self.transport is not None:
-            # h11 may have paused reading while the switch was pending (PAUSED).
-            resume = getattr(self.transport, "resumeProducing", None)
-            if resume is not None:
-                resume()
 
 
 # ---------------------------------------------------------------------------------------------------- upstream
@@ -925,7 +554,7 @@ class HttpProxyProtocol(H11Relay):
         if failure.check(CancelledError) or not self._current(ex):
             return
         status = http_status_for(failure)
-        message = _open_failure_text(failure, ex.target)
+        message = open_failure_text(failure, ex.target)
         self.log.info(
             "HTTP {client} {method} {target} (subaccount {tenant}, location {location}) failed: {error} "
             "({status})", client=self._client(), method=ex.request.method.decode("latin-1"), target=ex.target,
@@ -973,7 +602,7 @@ class HttpProxyProtocol(H11Relay):
         self._maybe_finish()
 
     def _start_tunnel(self, ex: _Exchange, far: Relay) -> None:
-        self._send(h11.Response(status_code=200, headers=[], reason=_REASONS[200]))
+        self._send(h11.Response(status_code=200, headers=[], reason=REASONS[200]))
         self.log.debug(
             "HTTP CONNECT {client} -> {target} (subaccount {tenant}, location {location}) connected",
             client=self._client(), target=ex.target, tenant=ex.tenant, location=ex.location or "(default)",
@@ -1088,7 +717,7 @@ class HttpProxyProtocol(H11Relay):
         if reason.check(StreamResetError):
             error: Any = reason.value
             refused = Failure(StreamRefusedError(error.code, error.reason))
-            self.upstream_failed(upstream, http_status_for(refused), _open_failure_text(refused, ex.target))
+            self.upstream_failed(upstream, http_status_for(refused), open_failure_text(refused, ex.target))
         else:
             self.upstream_failed(upstream, 502, f"bad gateway: system {ex.target} sent no complete answer")
 
@@ -1264,37 +893,6 @@ def _close_if_open(upstream: UpstreamRelay) -> None:
 def _authority(host: str, port: int) -> bytes:
     shown = f"[{host}]" if ":" in host else host
     return (shown if port == 80 else f"{shown}:{port}").encode("idna" if not host.isascii() else "ascii")
-
-
-_CODE_TEXT = {
-    ErrorCode.CONNECT_REFUSED: "bad gateway: the backend of system {target} refused the connection",
-    ErrorCode.HOST_UNREACHABLE: "bad gateway: the backend of system {target} is unreachable",
-    ErrorCode.TLS_ERROR: "bad gateway: TLS to the backend of system {target} failed",
-    ErrorCode.BACKEND_RESET: "bad gateway: the backend of system {target} closed the connection",
-    ErrorCode.CONNECT_TIMEOUT: "gateway timeout: the backend of system {target} did not accept the connection "
-                               "in time",
-    ErrorCode.IDLE_TIMEOUT: "gateway timeout: system {target} was idle for too long",
-    ErrorCode.REFUSED_STREAM: "service unavailable: the connector refused the request (busy or draining)",
-    ErrorCode.CANCEL: "gateway timeout: the request to system {target} was cancelled",
-}
-
-
-def _open_failure_text(failure: Failure, target: str) -> str:
-    """The plain-text body for a failed tunnel stream (no internal host names, no tokens)."""
-    error = failure.value
-    if isinstance(error, StreamRefusedError):
-        if error.code == ErrorCode.ACCESS_DENIED:
-            return error.reason or f"access denied to system {target}"
-        text = _CODE_TEXT.get(error.code)
-        if text is not None:
-            return text.format(target=target)
-        return f"bad gateway: the connector could not serve system {target} ({error.code.name})"
-    status = http_status_for(failure)
-    if status == 503:
-        return str(error)
-    if status == 504:
-        return f"gateway timeout: the connector did not open system {target} in time"
-    return f"bad gateway: system {target} could not be reached ({type(error).__name__})"
 
 
 class HttpProxyFactory(FrontEndFactory):

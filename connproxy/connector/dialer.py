@@ -1,14 +1,12 @@
 # -*- test-case-name: tests.unit.test_connector -*-
-"""The on-premise connector: dials the proxy, keeps the tunnel up, and serves the streams the proxy opens.
+"""The on-premise connector's tunnel to the proxy: dial, HELLO, reconnect forever.
 
 * :class:`ConnectorService` dials out over TLS (client certificate; the proxy's certificate and host name are
   verified), forever, with capped exponential backoff and full jitter. The first retries are fast; the host name
   is resolved again on every try (``HostnameEndpoint``), the very first connection included.
 * :class:`ConnectorTunnel` sends HELLO, pings (the shared :class:`TunnelConnection` keepalive notices a dead
-  tunnel within ``deadAfterSeconds``) and hands each opened stream to :class:`BackendDialer`.
-* :class:`BackendDialer` checks the ``accessControl`` list (deny by default), connects to the internal host
-  (``HostnameEndpoint`` with a timeout; TLS for ``TCP_TLS``) and relays with :class:`connproxy.relay.Relay`;
-  every failure becomes the RESET code the proxy turns into the right SOCKS reply or HTTP status.
+  tunnel within ``deadAfterSeconds``) and hands each opened stream to
+  :class:`connproxy.connector.tcp.BackendDialer`.
 """
 
 from __future__ import annotations
@@ -18,45 +16,24 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.abstract import isIPAddress
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IStreamClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IAddress, IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from connproxy import audit
-from connproxy.backend import backend_failed, track_backend_connect
-from connproxy.config import AccessRule, ConnectorConfig
-from connproxy.connector_http import HttpGateway
-from connproxy.relay import Relay, link
-from connproxy.tunnel.connection import TunnelConnection, TunnelTimers
+from connproxy.config import ConnectorConfig
+from connproxy.connector.tcp import BackendDialer
+from connproxy.obs import audit
+from connproxy.pki import tls
+from connproxy.pki.state import resolve_tls_files
+from connproxy.tunnel.connection import TunnelConnection
+from connproxy.tunnel.settings import CAPABILITIES, settings_from
 from connproxy.tunnel.stream import TunnelStream
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import GoAwayReceived, HelloReceived
-from connproxy.wire.session import Role, Settings
-
-CAPABILITIES = ["half-close", "early-data"]
-
-
-def settings_from(config: ConnectorConfig | Any) -> tuple[Settings, TunnelTimers]:
-    """Session settings and timers from a ``tunnel`` tuning block."""
-    t = config.tunnel
-    settings = Settings(
-        stream_window=t.stream_window_bytes,
-        connection_window=t.connection_window_bytes,
-        max_frame=t.max_frame_bytes,
-        max_streams=t.max_streams,
-    )
-    timers = TunnelTimers(
-        ping_interval=t.ping_interval_seconds,
-        dead_after=t.dead_after_seconds,
-        open_timeout=t.open_timeout_seconds,
-        handshake_timeout=t.open_timeout_seconds,
-    )
-    return settings, timers
+from connproxy.wire.session import Role
 
 
 def backoff_delay(attempt: int, *, initial: float, maximum: float, fast_retries: int,
@@ -71,147 +48,6 @@ def backoff_delay(attempt: int, *, initial: float, maximum: float, fast_retries:
     else:
         ceiling = min(maximum, initial * (2 ** min(attempt - fast_retries, 30)))
     return rng() * ceiling
-
-
-# ---------------------------------------------------------------------------------------------------- backend
-
-
-@implementer(IHandshakeListener)
-class BackendRelay(Relay):
-    """The backend side of a stream's relay; ``ready`` fires once usable (after the TLS handshake for TLS)."""
-
-    def __init__(self, peer: Relay, tls: bool) -> None:
-        super().__init__(peer)
-        self.tls = tls
-        self.ready: Deferred[BackendRelay] = Deferred()
-        self._handshaken = False
-
-    def connectionMade(self) -> None:
-        """Plain TCP is ready now; TLS waits for the handshake."""
-        if not self.tls:
-            self.ready.callback(self)
-
-    def handshakeCompleted(self) -> None:
-        """The TLS handshake with the backend succeeded."""
-        self._handshaken = True
-        if not self.ready.called:
-            self.ready.callback(self)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        """Before ready: fail ``ready`` (TLS refused); afterwards: close the stream side."""
-        if not self.ready.called:
-            self.ready.errback(reason)
-            return
-        super().connectionLost(reason)
-
-
-class _BackendFactory(Factory):
-    noisy = False  # one factory per backend connection: no "Starting/Stopping factory" log lines
-
-    def __init__(self, relay: BackendRelay) -> None:
-        self.relay = relay
-
-    def buildProtocol(self, addr: IAddress | None) -> BackendRelay:
-        return self.relay
-
-
-class BackendDialer:
-    """Serves streams the proxy opens: access control, backend connect, relay."""
-
-    log = Logger()
-
-    def __init__(
-        self,
-        reactor: Any,
-        config: ConnectorConfig,
-        endpoint_for: Callable[[AccessRule, str, int], IStreamClientEndpoint] | None = None,
-        audit_writer: audit.AuditWriter | None = None,
-    ) -> None:
-        self.reactor = reactor
-        self.config = config
-        self.audit_writer = audit_writer
-        self._endpoint_for = endpoint_for or self._default_endpoint
-        self.http = HttpGateway(reactor, config, self._endpoint_for, audit_writer)
-
-    def _default_endpoint(self, rule: AccessRule, host: str, port: int) -> IStreamClientEndpoint:
-        timeout = self.config.backend.connect_timeout_seconds
-        endpoint: IStreamClientEndpoint
-        if isIPAddress(host):
-            # An IPv4 literal resolves to itself: HostnameEndpoint would make exactly this endpoint, but only after
-            # a getaddrinfo round trip through the reactor's thread pool (and a new zope class per connect).
-            endpoint = TCP4ClientEndpoint(self.reactor, host, port, timeout=timeout)
-        else:
-            endpoint = HostnameEndpoint(self.reactor, host, port, timeout=timeout)
-        if rule.protocol in ("TCP_TLS", "HTTPS"):
-            from connproxy.tls import backend_options
-
-            endpoint = wrapClientTLS(backend_options(host, rule.ca_file), endpoint)
-        return endpoint
-
-    def handle(self, tunnel: ConnectorTunnel, stream: TunnelStream) -> None:
-        """Decide on one opened stream: RESET ``ACCESS_DENIED``, or connect and accept.
-
-        ``kind == "http"`` streams (one HTTP request each) go to :class:`~connproxy.connector_http.HttpGateway`.
-        """
-        request = stream.request
-        if request.kind == "http":
-            self.http.handle(tunnel, stream)
-            return
-        rule = self.config.find_rule(request.host, request.port)
-        target = f"{request.host}:{request.port}"
-        if rule is None or rule.protocol not in ("TCP", "TCP_TLS") or request.kind != "tcp":
-            why = "no access control rule for this host and port" if rule is None else (
-                f"{rule.protocol} mapping does not allow {request.kind} streams"
-            )
-            self._decide(False, stream, why)
-            tunnel.reset_stream(stream.stream_id, ErrorCode.ACCESS_DENIED, f"access denied to system {target}")
-            stream.reset(ErrorCode.ACCESS_DENIED, why)
-            return
-        internal_port = rule.internal_port_for(request.port)
-        self._decide(True, stream, f"{rule.protocol} mapping to {rule.internal_host}:{internal_port}")
-        near = Relay()
-        far = BackendRelay(near, tls=rule.protocol == "TCP_TLS")
-        link(near, far)
-        endpoint = self._endpoint_for(rule, rule.internal_host, internal_port)
-        connecting = endpoint.connect(_BackendFactory(far))
-        timeout = self.config.backend.connect_timeout_seconds
-        ready: Deferred[Any] = connecting.addCallback(lambda _p: far.ready)
-        ready.addTimeout(timeout + 1.0, self.reactor)
-
-        def on_ready(_: object) -> None:
-            if stream.closed:
-                far.transport.loseConnection()  # type: ignore[union-attr]
-                return
-            tunnel.accept(stream, near)
-
-        def abandon(failure: Failure) -> Failure:
-            # TCP may be up while TLS never finished (timeout, or the tunnel went away): close that socket too.
-            if far.transport is not None and not far._lost:
-                far.transport.abortConnection()  # type: ignore[attr-defined]
-            return failure
-
-        ready.addErrback(abandon)
-        ready.addCallbacks(
-            on_ready, backend_failed, errbackArgs=(tunnel, stream, f"{rule.internal_host}:{internal_port}")
-        )
-        track_backend_connect(tunnel, stream, ready)
-
-    def _decide(self, allowed: bool, stream: TunnelStream, why: str) -> None:
-        request = stream.request
-        meta = request.meta
-        audit.access_decision(
-            allowed=allowed,
-            tenant=str(meta.get("tenant")) if meta.get("tenant") is not None else None,
-            location=str(meta.get("location")) if meta.get("location") is not None else None,
-            client_id=str(meta.get("client_id")) if meta.get("client_id") is not None else None,
-            method=None,
-            virtual_host=request.host,
-            virtual_port=request.port,
-            path=None,
-            why=why,
-            connector_id=self.config.connector_id,
-            writer=self.audit_writer,
-        )
 
 
 # ---------------------------------------------------------------------------------------------------- tunnel
@@ -239,7 +75,7 @@ class ConnectorTunnel(TunnelConnection):
                 "connector_id": config.connector_id,
                 "subaccount": config.subaccount_id,
                 "location": config.location_id,
-                "capabilities": CAPABILITIES,
+                "capabilities": list(CAPABILITIES),
             }
         )
         self._flush()
@@ -330,7 +166,7 @@ class ConnectorService(Service):
 
     def setServiceParent(self, parent: Any) -> None:
         """Join ``parent``; under twistd also hand it the configured log observer (``logging``)."""
-        from connproxy.logs import install
+        from connproxy.obs.logs import install
 
         install(parent, self.config.logging)
         super().setServiceParent(parent)
@@ -455,3 +291,24 @@ class ConnectorService(Service):
         elif tunnel.established_at is None and self._retry is None and self._connecting is None:
             self.log.warn("tunnel handshake failed: {why}", why=why)
             self._schedule_retry(why)
+
+
+def connector_endpoint_factory(reactor: Any, config: ConnectorConfig) -> Callable[[], IStreamClientEndpoint]:
+    """A factory of fresh TLS endpoints to the proxy (files read once; the name resolved on every connect)."""
+    cert, key, ca = resolve_tls_files(config.tls, proxy=False, subaccount=config.subaccount_id)
+    options = tls.client_options_from_files(config.proxy.verify_name, ca, cert, key)
+
+    def make() -> IStreamClientEndpoint:
+        return wrapClientTLS(
+            options,
+            HostnameEndpoint(reactor, config.proxy.host, config.proxy.port,
+                             timeout=config.tunnel.open_timeout_seconds),
+        )
+
+    return make
+
+
+def make_connector_service(config: ConnectorConfig, reactor: Any,
+                           audit_writer: audit.AuditWriter | None = None) -> ConnectorService:
+    """The connector service for ``config``."""
+    return ConnectorService(reactor, config, connector_endpoint_factory(reactor, config), audit_writer=audit_writer)

@@ -212,7 +212,7 @@ def proxy_call_refused(
     :param tenant: the tenant, if it was determined before the refusal.
     :param client_id: the OAuth client id of the caller's token, if known (written as
         ``details.oauthClientId``; ``clientId`` is reserved for connector ids and is ``null`` here).
-    :param reason: the :class:`connproxy.auth.AuthError` reason code (or another short code).
+    :param reason: the :class:`connproxy.proxy.auth.AuthError` reason code (or another short code).
     :param peer: the caller's address.
     :param user: the caller's user, if known.
     """
@@ -252,7 +252,7 @@ def access_decision(
     user: str | None = None,
     peer: str | None = None,
     writer: AuditWriter | None = None,
-    logged_by: str = "connproxy.connector",
+    logged_by: str = "connproxy.connector.dialer",
     clock: Callable[[], float] | None = None,
 ) -> None:
     """Audit an access control decision (``action: "access on-premise system"``, message ``"access

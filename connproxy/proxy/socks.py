@@ -19,11 +19,11 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from connproxy import audit
-from connproxy.frontend import Authorizing, FrontEndFactory
+from connproxy.obs import audit
+from connproxy.proxy.frontend import Authorizing, FrontEndFactory
+from connproxy.proxy.replies import socks_reply_for
+from connproxy.proxy.routing import Router
 from connproxy.relay import Relay, RelayFactory, describe_transport
-from connproxy.routing import Router
-from connproxy.tunnel.errors import socks_reply_for
 from connproxy.wire.socks5 import (
     METHOD_NO_ACCEPTABLE,
     ConnectRequest,

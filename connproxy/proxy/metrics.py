@@ -18,7 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from connproxy.tunnel.registry import ConnectorRegistry
+from connproxy.proxy.registry import ConnectorRegistry
 
 #: At most this many (tenant, location) label sets are exported per gauge; the rest are summed under "_other".
 MAX_LABEL_SETS = 500

@@ -23,10 +23,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
+from twisted.logger import Logger
 
-from connproxy import certs
+from connproxy.pki import certs
 
 try:
     import fcntl
@@ -57,6 +59,9 @@ _CONNECTOR_KEY = "connector.key"
 #: A set whose certificates expire sooner than this is replaced.
 _MIN_REMAINING = datetime.timedelta(days=1)
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+_log = Logger(namespace="connproxy.pki.state")
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,7 @@ def ensure_dev_pki(state: Path | None = None, subaccount: str = DEV_SUBACCOUNT) 
 
     :raises OSError: the state folder cannot be created or written.
     :raises ValueError: ``subaccount`` is empty or contains control characters.
-    :raises connproxy.certs.PKIError: the files still do not check out after being (re-)created.
+    :raises connproxy.pki.certs.PKIError: the files still do not check out after being (re-)created.
     """
     if not isinstance(subaccount, str) or not subaccount:
         raise ValueError("subaccount must be a non-empty string")
@@ -255,3 +260,21 @@ def ensure_dev_pki(state: Path | None = None, subaccount: str = DEV_SUBACCOUNT) 
                     f"the development connector certificate in {connector_dir} is unusable; remove that folder"
                 )
     return pki
+
+
+def resolve_tls_files(files: Any, *, proxy: bool, subaccount: str | None = None) -> tuple[str, str, str]:
+    """Certificate, key and CA file paths of ``files`` (a :class:`connproxy.config.TlsFiles`), the development
+    PKI in the state folder filling in what the configuration leaves out (minted there on first use, with a
+    warning in the log).
+
+    :param proxy: the proxy's server pair (else the connector's client pair).
+    """
+    cert_file, key_file, ca_file = files.cert_file, files.key_file, files.ca_file
+    if cert_file and key_file and ca_file:
+        return cert_file, key_file, ca_file
+    dev = ensure_dev_pki(subaccount=subaccount) if subaccount is not None else ensure_dev_pki()
+    _log.warn("using development certificates from {folder} (state folder {state}): not for production",
+              folder=str(dev.dir), state=str(state_dir()))
+    if proxy:
+        return cert_file or str(dev.proxy_cert), key_file or str(dev.proxy_key), ca_file or str(dev.ca_cert)
+    return cert_file or str(dev.connector_cert), key_file or str(dev.connector_key), ca_file or str(dev.ca_cert)

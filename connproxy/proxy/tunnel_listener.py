@@ -15,18 +15,19 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from connproxy import audit
-from connproxy.certs import CertificateIdentityError
-from connproxy.tls import peer_identity
+from connproxy.obs import audit
+from connproxy.pki.certs import CertificateIdentityError
+from connproxy.pki.tls import peer_identity
+from connproxy.proxy.registry import ConnectorRegistry
 from connproxy.tunnel.connection import TunnelConnection, TunnelTimers
-from connproxy.tunnel.registry import ConnectorRegistry
+from connproxy.tunnel.settings import CAPABILITIES
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import HelloReceived
 from connproxy.wire.frames import PREFACE
 from connproxy.wire.session import Role, Settings
 
 MAX_CONNECTOR_ID = 128
-CAPABILITIES = ["half-close", "early-data"]
+
 _REASONS = {
     200: b"OK", 302: b"Found", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
     408: b"Request Timeout",
@@ -207,7 +208,7 @@ class ProxyTunnel(TunnelConnection):
             {
                 "replica_id": self.factory.replica_id,
                 "tunnel_id": self.tunnel_id,
-                "capabilities": CAPABILITIES,
+                "capabilities": list(CAPABILITIES),
             }
         )
         self.handshake_done()

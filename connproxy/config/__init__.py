@@ -43,7 +43,8 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
-from connproxy.state import DEV_SUBACCOUNT
+from connproxy.pki.state import DEV_SUBACCOUNT
+from connproxy.wire import session as wire_defaults
 
 __all__ = [
     "DEFAULT_HTTP_PORT",
@@ -141,7 +142,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """PEM files for one TLS endpoint; ``None`` means "use the development PKI" (see :mod:`connproxy.state`).
+    """PEM files for one TLS endpoint; ``None`` means "use the development PKI" (see :mod:`connproxy.pki.state`).
 
     ``ca_file`` is ``clientCaFile`` for the proxy (the CA that signs connector certificates) and ``caFile``
     for the connector (the CA that signs the proxy's certificate).
@@ -156,13 +157,13 @@ class TlsFiles:
 class TunnelTuning:
     """Tunnel protocol limits and timers (key ``tunnel``, the same block in both configurations)."""
 
-    stream_window_bytes: int = 4_194_304
-    connection_window_bytes: int = 67_108_864
-    max_frame_bytes: int = 65_536
-    max_streams: int = 10_000
-    ping_interval_seconds: float = 10.0
-    dead_after_seconds: float = 30.0
-    open_timeout_seconds: float = 15.0
+    stream_window_bytes: int = wire_defaults.DEFAULT_STREAM_WINDOW
+    connection_window_bytes: int = wire_defaults.DEFAULT_CONNECTION_WINDOW
+    max_frame_bytes: int = wire_defaults.DEFAULT_MAX_FRAME
+    max_streams: int = wire_defaults.DEFAULT_MAX_STREAMS
+    ping_interval_seconds: float = wire_defaults.DEFAULT_PING_INTERVAL_SECONDS
+    dead_after_seconds: float = wire_defaults.DEFAULT_DEAD_AFTER_SECONDS
+    open_timeout_seconds: float = wire_defaults.DEFAULT_OPEN_TIMEOUT_SECONDS
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -960,7 +961,7 @@ def _top_mapping(data: object, path: str | os.PathLike[str]) -> Mapping[str, Any
 def embedded_proxy_config() -> ProxyConfig:
     """The configuration the proxy runs with when no ``--config`` is given.
 
-    Dedicated mode for :data:`~connproxy.state.DEV_SUBACCOUNT`, trusted mode (no proxy authorization, no
+    Dedicated mode for :data:`~connproxy.pki.state.DEV_SUBACCOUNT`, trusted mode (no proxy authorization, no
     ``oauth`` block), front ends, tunnel listener and metrics on loopback only, default ports, TLS files
     from the development PKI.
     """
@@ -1207,7 +1208,7 @@ def load_connector_config(path: str | os.PathLike[str]) -> ConnectorConfig:
 def embedded_connector_config() -> ConnectorConfig:
     """The configuration the connector runs with when no ``--config`` is given.
 
-    :data:`~connproxy.state.DEV_SUBACCOUNT`, the default location, the machine's host name as connector
+    :data:`~connproxy.pki.state.DEV_SUBACCOUNT`, the default location, the machine's host name as connector
     ID, the proxy at ``localhost:8042``, TLS files from the development PKI, and no access rules (so
     everything is denied until rules are configured).
     """

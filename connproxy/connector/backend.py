@@ -8,13 +8,15 @@ from OpenSSL import SSL
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.interfaces import IAddress, IProtocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from connproxy.tunnel.stream import TunnelStream
 from connproxy.wire.errors import ErrorCode
 
-_log = Logger(namespace="connproxy.connector")
+_log = Logger(namespace="connproxy.connector.backend")
 
 
 def reset_code_for(failure: Failure) -> ErrorCode:
@@ -44,8 +46,7 @@ def backend_failed(failure: Failure, tunnel: Any, stream: TunnelStream, internal
         internal=internal, target=f"{request.host}:{request.port}", tenant=request.meta.get("tenant"),
         code=code.name, error=failure.getErrorMessage(),
     )
-    tunnel.reset_stream(stream.stream_id, code, failure.getErrorMessage()[:200])
-    stream.reset(code, "backend connect failed")
+    stream.refuse(code, failure.getErrorMessage()[:200], "backend connect failed")
 
 
 def track_backend_connect(tunnel: Any, stream: TunnelStream, connecting: Deferred[Any]) -> None:
@@ -60,3 +61,20 @@ def track_backend_connect(tunnel: Any, stream: TunnelStream, connecting: Deferre
         return result
 
     connecting.addBoth(done)
+
+
+class OneShotFactory(Factory):
+    """The factory of one backend connection: hands out the protocol it was made with.
+
+    Quiet (``noisy`` false): Twisted's "Starting/Stopping factory" lines would cost two log events per backend
+    connection, as much as the request's own audit line.
+    """
+
+    noisy = False
+
+    def __init__(self, protocol: IProtocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol:  # type: ignore[override]
+        """The one protocol."""
+        return self.protocol_instance

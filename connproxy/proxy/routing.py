@@ -16,9 +16,9 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClie
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connproxy.metrics import ProxyMetrics
+from connproxy.proxy.metrics import ProxyMetrics
+from connproxy.proxy.registry import ConnectorRegistry
 from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, TunnelLostError
-from connproxy.tunnel.registry import ConnectorRegistry
 from connproxy.wire.events import OpenRequest
 
 

@@ -6,14 +6,14 @@ upgrade offer in the OPEN metadata (``meta["http"]``). :class:`HttpGateway` deci
 travels: the mapping of the virtual host and port must be ``HTTP`` or ``HTTPS``, a resource must admit the path
 (:meth:`connproxy.config.AccessRule.allows_path`: exact or with all sub-paths, case-sensitive, query ignored)
 and, for an ``Upgrade`` request, allow upgrades. Every decision is an audit event
-(:func:`connproxy.audit.access_decision`). A refusal is a RESET ``ACCESS_DENIED`` whose reason is the sentence
+(:func:`connproxy.obs.audit.access_decision`). A refusal is a RESET ``ACCESS_DENIED`` whose reason is the sentence
 the proxy answers with 403: ``access denied to system vhost:vport`` or ``access denied to path /x on system
 vhost:vport``.
 
 An allowed request gets a backend connection from :class:`BackendPool` (idle keep-alive connections per
 backend, bounded in number and idle time; new ones through the dialer's endpoint, TLS with certificate
 verification for ``HTTPS``), and the stream is accepted once it is ready; a failed connection is a RESET with
-the code of :func:`connproxy.backend.reset_code_for` (the proxy answers 502 or 504).
+the code of :func:`connproxy.connector.backend.reset_code_for` (the proxy answers 502 or 504).
 
 On the accepted stream, :class:`HttpStreamServer` (h11 ``SERVER``) reads the request, checks that it is the
 one the OPEN described, and writes it to the backend with :class:`HttpBackend`'s h11 ``CLIENT`` connection:
@@ -35,45 +35,36 @@ import h11
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
-    IAddress,
     IDelayedCall,
     IHandshakeListener,
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connproxy import audit
-from connproxy.backend import backend_failed, reset_code_for, track_backend_connect
 from connproxy.config import AccessRule, ConnectorConfig, Resource
-from connproxy.http_proxy import (
-    H11Relay,
+from connproxy.connector.access import Decision
+from connproxy.connector.backend import OneShotFactory, backend_failed, reset_code_for, track_backend_connect
+from connproxy.http.h11relay import H11Relay, send_event
+from connproxy.http.headers import (
     forwarded_request_headers,
     forwarded_response_headers,
     header_list,
     header_values,
-    send_event,
     upgrade_of,
 )
+from connproxy.obs import audit
 from connproxy.relay import link, unwire, wire
 from connproxy.wire.errors import ErrorCode
 
 #: Largest request or response head accepted on either side (SCC: 64 KiB request headers).
 MAX_HEAD_BYTES = 65536
-_HTTP_PROTOCOLS = ("HTTP", "HTTPS")
-_MAX_PATH_IN_REASON = 256
 #: Methods whose bodiless requests are sent again when a reused backend connection turns out to be closed.
 _RETRYABLE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 BackendKey = tuple[str, str, int, str | None]
-
-
-def _short_path(target: str) -> str:
-    path = target.split("#", 1)[0].split("?", 1)[0] or "/"
-    return path if len(path) <= _MAX_PATH_IN_REASON else path[:_MAX_PATH_IN_REASON] + "..."
 
 
 def _default_port(scheme: str) -> int:
@@ -204,18 +195,6 @@ class HttpBackend(H11Relay):
                 self.pump()
             if self.server is server:
                 server.backend_failed("the backend closed the connection")
-
-
-class _BackendFactory(Factory):
-    #: One factory per backend connection: Twisted's "Starting/Stopping factory" lines would cost two log events
-    #: per connection (as much as the audit line of the request itself).
-    noisy = False
-
-    def __init__(self, backend: HttpBackend) -> None:
-        self.backend = backend
-
-    def buildProtocol(self, addr: IAddress | None) -> HttpBackend:
-        return self.backend
 
 
 class BackendPool:
@@ -560,7 +539,7 @@ class HttpStreamServer(H11Relay):
 
 
 class HttpGateway:
-    """Serves ``kind="http"`` streams for :class:`connproxy.connector.BackendDialer`."""
+    """Serves ``kind="http"`` streams for :class:`connproxy.connector.dialer.BackendDialer`."""
 
     log = Logger()
 
@@ -580,46 +559,17 @@ class HttpGateway:
 
     def reset(self, stream: Any, code: ErrorCode, reason: str) -> None:
         """RESET an accepted stream (both towards the proxy and locally)."""
-        if stream.closed:
-            return
-        stream.connection.reset_stream(stream.stream_id, code, reason)
-        stream.reset(code, reason)
+        stream.refuse(code, reason)
 
-    def handle(self, tunnel: Any, stream: Any) -> None:
-        """Decide on one opened ``kind="http"`` stream: RESET, or get a backend connection and accept."""
+    def serve(self, tunnel: Any, stream: Any, decision: Decision) -> None:
+        """Serve one ``kind="http"`` stream that :func:`connproxy.connector.access.decide` allowed: get a backend
+        connection, then accept the stream with an :class:`HttpStreamServer`."""
         request = stream.request
-        meta = request.meta
+        rule, resource, http = decision.rule, decision.resource, decision.http
+        assert rule is not None and resource is not None and http is not None
+        method, target, upgrade = http.method, http.target, http.upgrade
         system = f"{request.host}:{request.port}"
-        http = meta.get("http")
-        if not isinstance(http, dict) or not isinstance(http.get("method"), str) or \
-                not isinstance(http.get("target"), str):
-            self._refuse(tunnel, stream, None, None, ErrorCode.PROTOCOL_ERROR,
-                         "http stream without request metadata", "http stream without request metadata")
-            return
-        method: str = http["method"]
-        target: str = http["target"]
-        upgrade = http.get("upgrade") if isinstance(http.get("upgrade"), str) else None
-        rule = self.config.find_rule(request.host, request.port)
-        if rule is None or rule.protocol not in _HTTP_PROTOCOLS:
-            why = "no access control rule for this host and port" if rule is None else (
-                f"{rule.protocol} mapping does not serve HTTP requests")
-            self._refuse(tunnel, stream, method, target, ErrorCode.ACCESS_DENIED, why,
-                         f"access denied to system {system}")
-            return
-        resource = rule.allows_path(target)
-        if resource is None:
-            self._refuse(tunnel, stream, method, target, ErrorCode.ACCESS_DENIED, "no resource allows this path",
-                         f"access denied to path {_short_path(target)} on system {system}")
-            return
-        if upgrade is not None and not resource.upgrade_allowed:
-            self._refuse(tunnel, stream, method, target, ErrorCode.ACCESS_DENIED,
-                         f"resource {resource.path} does not allow upgrades ({upgrade})",
-                         f"access denied to path {_short_path(target)} on system {system}: "
-                         f"upgrade to {upgrade[:32]} not allowed")
-            return
-        internal_port = rule.internal_port_for(request.port)
-        self._decide(True, stream, method, target, f"{rule.protocol} mapping to {rule.internal_host}:"
-                     f"{internal_port}, resource {resource.path}{' and sub-paths' if resource.all_sub_paths else ''}")
+        internal_port = decision.internal_port
         ready = self.connect_backend(rule, internal_port)
 
         def on_ready(backend: HttpBackend) -> None:
@@ -644,7 +594,7 @@ class HttpGateway:
             return succeed(idle)
         backend = HttpBackend(key, tls=rule.protocol == "HTTPS")
         try:
-            connecting = self.endpoint_for(rule, rule.internal_host, port).connect(_BackendFactory(backend))
+            connecting = self.endpoint_for(rule, rule.internal_host, port).connect(OneShotFactory(backend))
         except Exception:
             return fail()
 
@@ -660,31 +610,3 @@ class HttpGateway:
         d.addErrback(cancelled)
         d.addTimeout(self.config.backend.connect_timeout_seconds + 1.0, self.clock)
         return d
-
-    def _refuse(self, tunnel: Any, stream: Any, method: str | None, target: str | None, code: ErrorCode,
-                why: str, reason: str) -> None:
-        self._decide(False, stream, method, target, why)
-        tunnel.reset_stream(stream.stream_id, code, reason)
-        stream.reset(code, why)
-
-    def _decide(self, allowed: bool, stream: Any, method: str | None, target: str | None, why: str) -> None:
-        request = stream.request
-        meta = request.meta
-
-        def text(key: str) -> str | None:
-            value = meta.get(key)
-            return None if value is None else str(value)
-
-        audit.access_decision(
-            allowed=allowed,
-            tenant=text("tenant"),
-            location=text("location"),
-            client_id=text("client_id"),
-            method=method,
-            virtual_host=request.host,
-            virtual_port=request.port,
-            path=target,
-            why=why,
-            connector_id=self.config.connector_id,
-            writer=self.audit_writer,
-        )

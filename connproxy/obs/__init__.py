@@ -1,0 +1,1 @@
+"""Observability shared by both roles: logging set-up and the audit stream."""

@@ -1,0 +1,1 @@
+"""Certificates, TLS contexts, development tokens and the development state folder."""

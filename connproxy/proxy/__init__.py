@@ -1,0 +1,1 @@
+"""The cloud side: front ends, authorization, routing, the tunnel listener, assembly."""
