@@ -68,7 +68,9 @@ __all__ = [
     "OAuthConfig",
     "ProxyConfig",
     "ProxyEndpointConfig",
+    "ReadinessConfig",
     "ReconnectConfig",
+    "ShutdownConfig",
     "Resource",
     "TlsFiles",
     "TunnelListenerConfig",
@@ -87,6 +89,7 @@ DEFAULT_TUNNEL_PORT: Final = 8042
 DEFAULT_HTTP_PORT: Final = 20003
 DEFAULT_SOCKS5_PORT: Final = 20004
 DEFAULT_METRICS_PORT: Final = 9494
+DEFAULT_CONNECTOR_METRICS_PORT: Final = 9495
 
 TENANT_MODES: Final = ("dedicated", "shared")
 HIGH_AVAILABILITY_MODES: Final = ("off", "path", "subdomain")
@@ -164,6 +167,15 @@ class TunnelTuning:
     ping_interval_seconds: float = wire_defaults.DEFAULT_PING_INTERVAL_SECONDS
     dead_after_seconds: float = wire_defaults.DEFAULT_DEAD_AFTER_SECONDS
     open_timeout_seconds: float = wire_defaults.DEFAULT_OPEN_TIMEOUT_SECONDS
+    #: A stream whose buffered data makes no progress for this long is reset (STREAM_STALLED).
+    stall_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    """``shutdown``: the drain on SIGTERM (both configurations)."""
+
+    drain_timeout_seconds: float = 20.0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -182,6 +194,10 @@ class TunnelListenerConfig:
     external_host: str = "localhost"
     external_port: int = DEFAULT_TUNNEL_PORT
     tls: TlsFiles = field(default_factory=TlsFiles)
+    #: Tunnels one certificate identity (subaccount, location, connector id) may hold at once.
+    max_tunnels_per_identity: int = 4
+    #: Streams open at once for one tenant, over all its tunnels.
+    max_streams_per_tenant: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -222,6 +238,14 @@ class ClientConnectionConfig:
     idle_timeout_seconds: float = 3600.0
     handshake_timeout_seconds: float = 30.0
     first_byte_timeout_seconds: float = 120.0
+    #: A request body that makes no progress for this long ends the exchange (408 before any answer).
+    body_timeout_seconds: float = 60.0
+    #: Connections per front end at once; further ones are closed at accept.
+    max_connections: int = 10_000
+    #: Connections from one client address per front end at once.
+    max_connections_per_client: int = 1_000
+    #: The listen backlog of the front ends and the tunnel listener.
+    listen_backlog: int = 1024
 
 
 @dataclass(frozen=True)
@@ -242,6 +266,14 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ReadinessConfig:
+    """``readiness``: what ``/ready`` on the metrics port reports."""
+
+    #: Not ready while no connector tunnel is registered.
+    require_connector: bool = False
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     """The whole proxy configuration (see ``contract.md``)."""
 
@@ -256,6 +288,8 @@ class ProxyConfig:
     tunnel: TunnelTuning = field(default_factory=TunnelTuning)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    readiness: ReadinessConfig = field(default_factory=ReadinessConfig)
 
     @staticmethod
     def interface_for(front_end: FrontEndConfig) -> str:
@@ -431,6 +465,11 @@ class ConnectorConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     access_control: tuple[AccessRule, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    #: The connector's own Prometheus endpoint (off unless enabled; loopback by default).
+    metrics: MetricsConfig = field(
+        default_factory=lambda: MetricsConfig(enabled=False, port=DEFAULT_CONNECTOR_METRICS_PORT,
+                                              bind_address="127.0.0.1"))
 
     def find_rule(self, host: str, port: int) -> AccessRule | None:
         """The access rule for virtual ``host:port``, or ``None`` (access denied)."""
@@ -659,6 +698,7 @@ def _parse_tunnel(root: _Section) -> TunnelTuning:
             "pingIntervalSeconds",
             "deadAfterSeconds",
             "openTimeoutSeconds",
+            "stallTimeoutSeconds",
         ),
     )
     d = TunnelTuning()
@@ -672,7 +712,14 @@ def _parse_tunnel(root: _Section) -> TunnelTuning:
         ping_interval_seconds=section.seconds("pingIntervalSeconds", d.ping_interval_seconds),
         dead_after_seconds=section.seconds("deadAfterSeconds", d.dead_after_seconds),
         open_timeout_seconds=section.seconds("openTimeoutSeconds", d.open_timeout_seconds),
+        stall_timeout_seconds=section.seconds("stallTimeoutSeconds", d.stall_timeout_seconds),
     )
+
+
+def _parse_shutdown(root: _Section) -> ShutdownConfig:
+    section = root.section("shutdown", ("drainTimeoutSeconds",))
+    return ShutdownConfig(
+        drain_timeout_seconds=section.seconds("drainTimeoutSeconds", ShutdownConfig.drain_timeout_seconds))
 
 
 def _check_tunnel(tuning: TunnelTuning) -> None:
@@ -844,11 +891,13 @@ def proxy_config_from_mapping(
     root = _Section(
         data,
         "",
-        ("tenantMode", "subaccountId", "highAvailabilityMode", "servers", "tunnel", "metrics", "logging"),
+        ("tenantMode", "subaccountId", "highAvailabilityMode", "servers", "tunnel", "metrics", "logging", "shutdown",
+         "readiness"),
         _base_dir(base_dir),
     )
     servers = root.section("servers", ("businessDataTunnel", "proxy"))
-    bdt = servers.section("businessDataTunnel", ("port", "bindAddress", "externalHost", "externalPort", "tls"))
+    bdt = servers.section("businessDataTunnel", ("port", "bindAddress", "externalHost", "externalPort", "tls",
+                                                 "maxTunnelsPerIdentity", "maxStreamsPerTenant"))
     tunnel_port = bdt.port("port", DEFAULT_TUNNEL_PORT, listener=True)
     listener = TunnelListenerConfig(
         port=tunnel_port,
@@ -857,12 +906,17 @@ def proxy_config_from_mapping(
         # Connectors reach a non-default listener port unless told otherwise.
         external_port=bdt.port("externalPort", tunnel_port or DEFAULT_TUNNEL_PORT, listener=False),
         tls=_parse_tls(bdt, "clientCaFile"),
+        max_tunnels_per_identity=bdt.integer("maxTunnelsPerIdentity", TunnelListenerConfig.max_tunnels_per_identity,
+                                             1, 1_000_000),
+        max_streams_per_tenant=bdt.integer("maxStreamsPerTenant", TunnelListenerConfig.max_streams_per_tenant,
+                                           1, 10_000_000),
     )
     proxy = servers.section("proxy", ("http", "socks5", "authorization", "clientConnection"))
     http = _parse_http(proxy)
     socks5 = _parse_socks5(proxy)
     client = proxy.section(
-        "clientConnection", ("idleTimeoutSeconds", "handshakeTimeoutSeconds", "firstByteTimeoutSeconds")
+        "clientConnection", ("idleTimeoutSeconds", "handshakeTimeoutSeconds", "firstByteTimeoutSeconds",
+                             "bodyTimeoutSeconds", "maxConnections", "maxConnectionsPerClient", "listenBacklog")
     )
     dc = ClientConnectionConfig()
     metrics = root.section("metrics", ("prometheus",)).section("prometheus", ("enabled", "port", "bindAddress"))
@@ -879,6 +933,11 @@ def proxy_config_from_mapping(
             idle_timeout_seconds=client.seconds("idleTimeoutSeconds", dc.idle_timeout_seconds),
             handshake_timeout_seconds=client.seconds("handshakeTimeoutSeconds", dc.handshake_timeout_seconds),
             first_byte_timeout_seconds=client.seconds("firstByteTimeoutSeconds", dc.first_byte_timeout_seconds),
+            body_timeout_seconds=client.seconds("bodyTimeoutSeconds", dc.body_timeout_seconds),
+            max_connections=client.integer("maxConnections", dc.max_connections, 1, 1_000_000),
+            max_connections_per_client=client.integer("maxConnectionsPerClient", dc.max_connections_per_client,
+                                                      1, 1_000_000),
+            listen_backlog=client.integer("listenBacklog", dc.listen_backlog, 1, 65535),
         ),
         tunnel=_parse_tunnel(root),
         metrics=MetricsConfig(
@@ -890,6 +949,10 @@ def proxy_config_from_mapping(
             format=logging.choice("format", LoggingConfig.format, LOG_FORMATS),
             level=logging.choice("level", LoggingConfig.level, LOG_LEVELS),
         ),
+        shutdown=_parse_shutdown(root),
+        readiness=ReadinessConfig(
+            require_connector=root.section("readiness", ("requireConnector",)).boolean(
+                "requireConnector", ReadinessConfig.require_connector)),
     )
     check_proxy_config(config)
     return config
@@ -1120,6 +1183,8 @@ def connector_config_from_mapping(
             "backend",
             "accessControl",
             "logging",
+            "shutdown",
+            "metrics",
         ),
         _base_dir(base_dir),
     )
@@ -1128,6 +1193,7 @@ def connector_config_from_mapping(
     reconnect = root.section("reconnect", ("initialDelaySeconds", "maxDelaySeconds", "fastRetries"))
     dr = ReconnectConfig()
     backend = root.section("backend", ("connectTimeoutSeconds",))
+    cmetrics = root.section("metrics", ("prometheus",)).section("prometheus", ("enabled", "port", "bindAddress"))
     rules = tuple(
         _parse_rule(item, f"accessControl[{index}]", root.base_dir)
         for index, item in enumerate(root.sequence("accessControl"))
@@ -1157,6 +1223,12 @@ def connector_config_from_mapping(
         logging=LoggingConfig(
             format=logging.choice("format", LoggingConfig.format, LOG_FORMATS),
             level=logging.choice("level", LoggingConfig.level, LOG_LEVELS),
+        ),
+        shutdown=_parse_shutdown(root),
+        metrics=MetricsConfig(
+            enabled=cmetrics.boolean("enabled", False),
+            port=cmetrics.port("port", DEFAULT_CONNECTOR_METRICS_PORT, listener=True),
+            bind_address=_bind_address(cmetrics, "bindAddress", "127.0.0.1"),
         ),
     )
     check_connector_config(config)
