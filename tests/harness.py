@@ -22,8 +22,8 @@ from zope.interface import implementer
 
 from connproxy.config import connector_config_from_mapping, proxy_config_from_mapping
 from connproxy.connector.dialer import ConnectorService, make_connector_service
-from connproxy.pki.certs import mint_test_pki
 from connproxy.proxy.service import ProxyService
+from connproxy.testing import mint_test_pki
 
 reactor: Any = global_reactor
 

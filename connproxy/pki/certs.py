@@ -29,7 +29,6 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 from urllib.parse import quote, unquote
 
 from cryptography import x509
@@ -52,7 +51,6 @@ __all__ = [
     "ConnectorIdentity",
     "PKIError",
     "PKIFiles",
-    "TestPKI",
     "cert_to_pem",
     "connector_identity",
     "init_dir",
@@ -65,7 +63,6 @@ __all__ = [
     "mint_ca",
     "mint_connector_cert",
     "mint_server_cert",
-    "mint_test_pki",
     "write_pem_pair",
 ]
 
@@ -508,79 +505,10 @@ def write_pem_pair(
 
 
 # --------------------------------------------------------------------------------------------------------
-# test PKI
-
-
-@dataclass(frozen=True)
-class TestPKI:
-    """A complete in-memory PKI for tests: PEM bytes of the CA and of a server certificate for ``hosts``.
-
-    Mint one with :func:`mint_test_pki`; issue connector certificates with :meth:`connector`; put it on disk
-    in the :func:`init_dir` layout with :meth:`write`.
-    """
-
-    __test__: ClassVar[bool] = False  # not a pytest test class, despite the name
-
-    ca_cert_pem: bytes
-    ca_key_pem: bytes
-    server_cert_pem: bytes
-    server_key_pem: bytes
-    hosts: tuple[str, ...]
-
-    def _ca(self) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
-        cert = x509.load_pem_x509_certificate(self.ca_cert_pem)
-        key = serialization.load_pem_private_key(self.ca_key_pem, password=None)
-        return cert, _issuer_key(key, "the test CA key")
-
-    def connector(
-        self,
-        subaccount: str,
-        location: str | None = None,
-        connector_name: str | None = None,
-    ) -> tuple[bytes, bytes]:
-        """Mint a connector certificate signed by this CA; return ``(cert PEM, key PEM)``.
-
-        :raises ValueError: as :func:`mint_connector_cert` (and ``TypeError`` likewise).
-        """
-        ca_cert, ca_key = self._ca()
-        cert, key = mint_connector_cert(ca_cert, ca_key, subaccount, location, connector_name)
-        return cert_to_pem(cert), key_to_pem(key)
-
-    def write(self, directory: str | os.PathLike[str]) -> PKIFiles:
-        """Write ``ca.crt``, ``ca.key``, ``proxy.crt`` and ``proxy.key`` into ``directory`` (created if needed).
-
-        :raises OSError: the files cannot be written.
-        """
-        files = _pki_files(Path(directory))
-        files.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(files.ca_key, self.ca_key_pem, 0o600)
-        atomic_write(files.ca_cert, self.ca_cert_pem, 0o644)
-        atomic_write(files.proxy_key, self.server_key_pem, 0o600)
-        atomic_write(files.proxy_cert, self.server_cert_pem, 0o644)
-        return files
-
-
-def mint_test_pki(hosts: Sequence[str] = ("localhost", "127.0.0.1", "::1")) -> TestPKI:
-    """Mint a CA and a server certificate for ``hosts`` (about a millisecond: EC keys).
-
-    :raises ValueError: as :func:`mint_server_cert` (and ``TypeError`` likewise).
-    """
-    ca_cert, ca_key = mint_ca("connproxy test CA")
-    server_cert, server_key = mint_server_cert(ca_cert, ca_key, hosts)
-    return TestPKI(
-        ca_cert_pem=cert_to_pem(ca_cert),
-        ca_key_pem=key_to_pem(ca_key),
-        server_cert_pem=cert_to_pem(server_cert),
-        server_key_pem=key_to_pem(server_key),
-        hosts=tuple(hosts),
-    )
-
-
-# --------------------------------------------------------------------------------------------------------
 # the PKI directory (`connproxy certs ...`)
 
 
-def _pki_files(directory: Path) -> PKIFiles:
+def pki_files(directory: Path) -> PKIFiles:
     return PKIFiles(
         dir=directory,
         ca_cert=directory / CA_CERT_FILE,
@@ -590,7 +518,7 @@ def _pki_files(directory: Path) -> PKIFiles:
     )
 
 
-def _issuer_key(key: PrivateKeyTypes, what: str) -> CertificateIssuerPrivateKeyTypes:
+def issuer_key(key: PrivateKeyTypes, what: str) -> CertificateIssuerPrivateKeyTypes:
     if not isinstance(key, _ISSUER_PRIVATE_KEY_TYPES):
         raise TypeError(f"{what} is a {type(key).__name__}, which cannot sign certificates")
     return key
@@ -604,7 +532,7 @@ def load_ca(
     :raises PKIError: a file is missing or unreadable, is not PEM, the key does not match the certificate,
         the certificate is not a CA or has expired.
     """
-    files = _pki_files(Path(directory))
+    files = pki_files(Path(directory))
     missing = [str(p) for p in (files.ca_cert, files.ca_key) if not p.exists()]
     if missing:
         raise PKIError(
@@ -613,7 +541,7 @@ def load_ca(
         )
     try:
         cert = load_cert_pem(files.ca_cert)
-        key = _issuer_key(load_key_pem(files.ca_key), str(files.ca_key))
+        key = issuer_key(load_key_pem(files.ca_key), str(files.ca_key))
     except (OSError, TypeError, ValueError) as exc:
         raise PKIError(str(exc)) from None
     if cert.public_key() != key.public_key():
@@ -642,7 +570,7 @@ def init_dir(directory: str | os.PathLike[str], hosts: Iterable[str]) -> PKIFile
     :raises PKIError: no hosts, an invalid host, only one of the two CA files present, an unusable CA, or a
         file that cannot be written.
     """
-    files = _pki_files(Path(directory))
+    files = pki_files(Path(directory))
     host_list = list(hosts)
     if not host_list:
         raise PKIError("at least one --host is required")

@@ -374,7 +374,7 @@ def test_https_mapping_verifies_the_backend_certificate(stack: Stack, tmp_path: 
     ca = tmp_path / "backend-ca.crt"
     ca.write_bytes(stack.pki.ca_cert_pem)
     wrong = tmp_path / "wrong-ca.crt"
-    from connproxy.pki.certs import mint_test_pki
+    from connproxy.testing import mint_test_pki
 
     wrong.write_bytes(mint_test_pki().ca_cert_pem)
     yield up(stack, [

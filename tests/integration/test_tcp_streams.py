@@ -269,7 +269,7 @@ def _tls_echo(stack: Stack) -> Any:
 def test_tcp_tls_mapping_verifies_the_backend(stack: Stack) -> Any:
     """TCP_TLS: the connector opens TLS to the backend and verifies it against the mapping's caFile; with the
     wrong CA the client gets 0x04 (TLS_ERROR), never a plaintext path."""
-    from connproxy.pki.certs import mint_test_pki
+    from connproxy.testing import mint_test_pki
 
     backend = yield _tls_echo(stack)
     stack.ports.append(backend)
@@ -299,7 +299,7 @@ def test_tcp_tls_mapping_verifies_the_backend(stack: Stack) -> Any:
 def test_connector_verifies_the_proxy_name_and_the_proxy_verifies_the_connector_ca(stack: Stack) -> Any:
     """A proxy certificate for another name is refused by the connector (service-identity), and a connector
     certificate from a foreign CA is refused by the proxy's TLS: neither registers, both keep retrying."""
-    from connproxy.pki.certs import mint_test_pki
+    from connproxy.testing import mint_test_pki
 
     stack.start_proxy()
     wrong_name = stack.start_connector(connector_id="wrong-name", proxy={"serverName": "other.example"})

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from connproxy import testing
 from connproxy.pki import certs, state
 from connproxy.pki.certs import (
     CertificateIdentityError,
@@ -317,7 +318,7 @@ def test_encrypted_key_is_refused(tmp_path: Path) -> None:
 
 
 def test_mint_test_pki() -> None:
-    pki = certs.mint_test_pki()
+    pki = testing.mint_test_pki()
     ca_cert = x509.load_pem_x509_certificate(pki.ca_cert_pem)
     server = x509.load_pem_x509_certificate(pki.server_cert_pem)
     server.verify_directly_issued_by(ca_cert)
@@ -335,11 +336,11 @@ def test_mint_test_pki() -> None:
 
 
 def test_test_pki_is_not_collected_by_pytest() -> None:
-    assert certs.TestPKI.__test__ is False
+    assert testing.TestPKI.__test__ is False
 
 
 def test_test_pki_write_matches_init_layout(tmp_path: Path) -> None:
-    pki = certs.mint_test_pki(("localhost",))
+    pki = testing.mint_test_pki(("localhost",))
     files = pki.write(tmp_path / "pki")
     assert files.ca_cert.read_bytes() == pki.ca_cert_pem
     assert _mode(files.ca_key) == 0o600
@@ -397,7 +398,7 @@ def test_init_dir_refuses_a_mismatched_ca_key(tmp_path: Path) -> None:
 
 
 def test_init_dir_refuses_a_non_ca(tmp_path: Path) -> None:
-    pki = certs.mint_test_pki()
+    pki = testing.mint_test_pki()
     (tmp_path / "ca.crt").write_bytes(pki.server_cert_pem)
     (tmp_path / "ca.key").write_bytes(pki.server_key_pem)
     with pytest.raises(PKIError, match="not a CA"):
@@ -433,7 +434,7 @@ def test_issue_connector_empty_subaccount(tmp_path: Path) -> None:
 
 
 def test_is_signed_by() -> None:
-    a, b = certs.mint_test_pki(), certs.mint_test_pki()
+    a, b = testing.mint_test_pki(), testing.mint_test_pki()
     server = x509.load_pem_x509_certificate(a.server_cert_pem)
     assert certs.is_signed_by(server, x509.load_pem_x509_certificate(a.ca_cert_pem))
     assert not certs.is_signed_by(server, x509.load_pem_x509_certificate(b.ca_cert_pem))

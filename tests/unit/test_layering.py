@@ -128,3 +128,113 @@ def test_importing_wire_loads_no_third_party_module() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"third-party modules loaded by connproxy.wire:\n{result.stdout}"
+
+
+# ------------------------------------------------------------------------------------------------ the whole table
+
+#: What each part of connproxy may import (besides the standard library and itself). ``"*"`` means any
+#: third-party module; ``forbid`` lists the connproxy packages a part must never reach.
+THIRD_PARTY_TWISTED = ("twisted", "zope", "OpenSSL", "service_identity", "cryptography")
+LAYERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "connproxy.wire": {"allow": ()},
+    "connproxy.tunnel": {"allow": ("connproxy.wire", *THIRD_PARTY_TWISTED)},
+    "connproxy.http": {"allow": ("connproxy.wire", "connproxy.relay", "h11", *THIRD_PARTY_TWISTED)},
+    "connproxy.pki": {"allow": ("cryptography", "OpenSSL", "twisted", "zope", "service_identity", "jwt")},
+    "connproxy.config": {"allow": ("connproxy.pki", "connproxy.wire", "yaml", "cryptography", "OpenSSL")},
+    "connproxy.obs": {"allow": ("connproxy.config", "twisted", "zope", "prometheus_client")},
+    "connproxy.relay": {"allow": ("twisted", "zope")},
+    "connproxy.listener": {"allow": ("twisted", "zope")},
+    "connproxy.twistd": {"allow": ("connproxy.config", "twisted")},
+    "connproxy.testing": {"allow": ("connproxy.pki", "cryptography")},
+    "connproxy.proxy": {"allow": ("*",), "forbid": ("connproxy.connector",)},
+    "connproxy.connector": {"allow": ("*",), "forbid": ("connproxy.proxy",)},
+}
+
+
+def layer_of(module: str) -> str | None:
+    """The entry of :data:`LAYERS` a connproxy module belongs to (the longest matching prefix)."""
+    best = None
+    for layer in LAYERS:
+        if (module == layer or module.startswith(layer + ".")) and (best is None or len(layer) > len(best)):
+            best = layer
+    return best
+
+
+def layer_allows(layer: str, name: str) -> bool:
+    rule = LAYERS[layer]
+    if any(name == f or name.startswith(f + ".") for f in rule.get("forbid", ())):
+        return False
+    if name.split(".")[0] in STDLIB or name == layer or name.startswith(layer + "."):
+        return True
+    if name == "connproxy":
+        return False
+    if name.startswith("connproxy."):
+        return "*" in rule["allow"] or any(name == a or name.startswith(a + ".") for a in rule["allow"])
+    return "*" in rule["allow"] or name.split(".")[0] in rule["allow"]
+
+
+def all_modules() -> list[Path]:
+    return sorted(p for p in (ROOT / "connproxy").rglob("*.py"))
+
+
+def test_every_module_belongs_to_a_layer() -> None:
+    """A new top-level module must be placed in the table on purpose (cli and demo assemble both roles)."""
+    unplaced = [module_name(p) for p in all_modules()
+                if layer_of(module_name(p)) is None and module_name(p) not in ("connproxy", "connproxy.cli",
+                                                                               "connproxy.demo")]
+    assert not unplaced, f"modules outside the layering table: {unplaced}"
+
+
+@pytest.mark.parametrize("path", all_modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_follow_the_layering_table(path: Path) -> None:
+    layer = layer_of(module_name(path))
+    if layer is None:
+        return
+    bad = [f"{path.relative_to(ROOT)}:{line}: {name}" for line, name in imports_of(path)
+           if not layer_allows(layer, name)]
+    assert not bad, f"{layer} may not import these:\n" + "\n".join(bad)
+
+
+def test_the_table_refuses_what_it_should() -> None:
+    assert not layer_allows("connproxy.connector", "connproxy.proxy.auth")
+    assert not layer_allows("connproxy.proxy", "connproxy.connector.dialer")
+    assert not layer_allows("connproxy.config", "connproxy.proxy.auth")
+    assert not layer_allows("connproxy.tunnel", "connproxy.proxy.replies")
+    assert not layer_allows("connproxy.http", "connproxy.proxy.http_frontend")
+    assert not layer_allows("connproxy.wire", "twisted.internet")
+    assert layer_allows("connproxy.connector", "connproxy.tunnel.stream")
+    assert layer_allows("connproxy.http", "connproxy.relay")
+
+
+def modules_loaded_by(entry: list[str]) -> list[str]:
+    """The connproxy and third-party modules a fresh interpreter loads for ``entry`` (in import order)."""
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        f"for name in {entry!r}:\n"
+        "    __import__(name)\n"
+        "print('\\n'.join(sorted(m for m in set(sys.modules) - before if m.split('.')[0] not in sys.stdlib_module_names)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+CONNECTOR_ENTRY = ["connproxy.connector.tap", "connproxy.connector.dialer"]
+PROXY_ENTRY = ["connproxy.proxy.tap", "connproxy.proxy.service"]
+
+
+def test_the_connector_loads_nothing_of_the_proxy_and_no_jwt() -> None:
+    loaded = modules_loaded_by(CONNECTOR_ENTRY)
+    assert "connproxy.connector.dialer" in loaded  # the probe did import something
+    bad = [m for m in loaded if m.startswith("connproxy.proxy") or m.split(".")[0] == "jwt"]
+    assert not bad, f"the connector loads proxy code: {bad}"
+
+
+def test_the_proxy_loads_nothing_of_the_connector() -> None:
+    loaded = modules_loaded_by(PROXY_ENTRY)
+    assert "connproxy.proxy.service" in loaded
+    bad = [m for m in loaded if m.startswith("connproxy.connector")]
+    assert not bad, f"the proxy loads connector code: {bad}"

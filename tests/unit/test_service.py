@@ -9,8 +9,8 @@ from twisted.internet.testing import MemoryReactorClock
 
 from connproxy.config import connector_config_from_mapping, embedded_proxy_config, proxy_config_from_mapping
 from connproxy.connector.dialer import make_connector_service
-from connproxy.pki.certs import mint_test_pki
 from connproxy.proxy.service import ProxyService
+from connproxy.testing import mint_test_pki
 
 
 def test_proxy_listeners_follow_the_configuration(tmp_path: Path) -> None:

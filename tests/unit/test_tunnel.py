@@ -2,7 +2,7 @@
 
 The two ends talk through :mod:`twisted.test.iosim` (``FakeTransport`` + ``IOPump``) on a shared
 :class:`twisted.internet.task.Clock`: no sockets, no real time, no reactor. The proxy end reads the connector's
-identity from a real connector certificate (minted by :func:`connproxy.pki.certs.mint_test_pki`) that the fake TLS
+identity from a real connector certificate (minted by :func:`connproxy.testing.mint_test_pki`) that the fake TLS
 transport returns from ``getPeerCertificate``. Streams are glued to :class:`connproxy.relay.Relay` pairs on
 ``StringTransport`` "sockets", as the SOCKS front end and the connector's backend side do.
 """
@@ -24,11 +24,12 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from connproxy.pki.certs import ConnectorIdentity, TestPKI, mint_test_pki
+from connproxy.pki.certs import ConnectorIdentity
 from connproxy.proxy import tunnel_listener as server_module
 from connproxy.proxy.registry import ConnectorRegistry
 from connproxy.proxy.tunnel_listener import ProxyTunnel, ProxyTunnelFactory
 from connproxy.relay import Relay, RelayFactory, link
+from connproxy.testing import TestPKI, mint_test_pki
 from connproxy.tunnel.connection import TunnelConnection, TunnelTimers
 from connproxy.tunnel.errors import OpenTimeoutError, StreamRefusedError, StreamResetError, TunnelLostError
 from connproxy.tunnel.stream import TunnelStream
