@@ -7,6 +7,8 @@ Sub-commands (see ``contract.md``)::
     connproxy token --dir DIR --subaccount ID --client-id CID [--ttl S]
     connproxy demo [--state-dir DIR]
     connproxy config check (--proxy FILE | --connector FILE)
+    connproxy probe socks [--location LOC] [--token JWT] HOST:PORT
+    connproxy probe http [--location LOC] [--token JWT] URL
 
 :func:`main` returns the exit status: 0 on success, 2 on a usage error or a failure it can explain (the
 message goes to stderr, without a traceback). ``token`` and ``demo`` are implemented in
@@ -167,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--proxy", metavar="FILE", help="a proxy configuration file")
     which.add_argument("--connector", metavar="FILE", help="a connector configuration file")
     check.set_defaults(handler=_config_check)
+
+    from connproxy.probe import add_parser as add_probe_parser
+
+    add_probe_parser(commands)
 
     # A group without a leaf command prints its own help.
     for group in (parser, certs_parser, config_parser):

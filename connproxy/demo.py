@@ -69,6 +69,7 @@ async def run_demo(reactor: Any, out: Any = sys.stdout) -> Any:
         tunnel_listener=dataclasses.replace(base.tunnel_listener, port=0),
         socks5=dataclasses.replace(base.socks5, port=_port_or_zero(base.socks5.port)),
         http=dataclasses.replace(base.http, port=_port_or_zero(base.http.port)),
+        metrics=dataclasses.replace(base.metrics, port=_port_or_zero(base.metrics.port)),
     )
     proxy = ProxyService(config, reactor)
     proxy.startService()
