@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import socket
 import struct
 import sys
+import time
+from collections.abc import Callable
 from typing import TextIO
 from urllib.parse import urlsplit
 
@@ -198,6 +201,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         token.add_argument("--token", default="", metavar="JWT", help="a token for proxy authorization")
         token.add_argument("--token-file", metavar="FILE", help="read the token from FILE")
         sub.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per step (default 10)")
+        sub.add_argument("--wait", type=float, default=0.0, metavar="S",
+                         help="retry for up to S seconds while the proxy or the tunnel is not up yet")
         if kind == "socks":
             sub.add_argument("--no-request", action="store_true", help="stop after the CONNECT reply")
         sub.add_argument("target", metavar=what)
@@ -206,9 +211,25 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return probe
 
 
-def main_probe(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Run one probe from parsed arguments; print what happened; return the exit status."""
+def main_probe(args: argparse.Namespace, out: TextIO | None = None,
+               clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Run one probe from parsed arguments; print what happened; return the exit status.
+
+    With ``--wait S`` a failed attempt is repeated (twice a second) until it succeeds or ``S`` seconds passed;
+    only the last attempt's report is printed.
+    """
     stream = out if out is not None else sys.stdout
+    deadline = clock() + max(0.0, getattr(args, "wait", 0.0) or 0.0)
+    while True:
+        report = io.StringIO()
+        status = _probe_once(args, report)
+        if status == EXIT_OK or clock() >= deadline:
+            stream.write(report.getvalue())
+            return status
+        sleep(0.5)
+
+
+def _probe_once(args: argparse.Namespace, stream: TextIO) -> int:
     token = args.token
     try:
         if args.token_file:
