@@ -18,3 +18,6 @@ fi
 .venv/bin/pytest -p no:twisted -q tests/unit "$@"
 .venv/bin/pytest -q tests/integration "$@"
 ./scripts/fuzz-smoke.sh
+# The soak run's short form (bench/soak.py: 10 minutes by default).
+.venv/bin/python bench/soak.py --duration 20 --clients 12 --stallers 2 --restart-every 8 --max-size 1048576 >/tmp/connproxy-soak.json
+echo "soak: $(.venv/bin/python -c 'import json,sys; r=json.load(open("/tmp/connproxy-soak.json")); print(r["requests_total"], "requests,", r["bytes"], "bytes, errors", r["errors_by_cause"])')"
