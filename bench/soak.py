@@ -114,7 +114,7 @@ class Proc:
     restarts: int = 0
 
     def start(self) -> None:
-        log = open(self.log, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        log = open(self.log, "ab")
         self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.log.parent)
         log.close()
 
@@ -291,7 +291,7 @@ async def client(index: int, args: argparse.Namespace, ports: dict[str, int], ta
                 cause = exc.cause
             except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
                 cause = type(exc).__name__
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 cause = "timeout"
             if cause == "CHECKSUM" or attempt == 2:
                 tally.errors[f"{kind}:{cause}"] += 1
@@ -309,7 +309,7 @@ async def staller(args: argparse.Namespace, ports: dict[str, int], tally: Tally,
             tally.stalled += 1
             await asyncio.sleep(min(rng.uniform(2, 8), max(0.0, end - time.monotonic())))
             writer.transport.abort()
-        except (TransferError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (TimeoutError, TransferError, OSError, asyncio.IncompleteReadError):
             await asyncio.sleep(0.5)
 
 
@@ -319,7 +319,7 @@ async def wait_ready(ports: dict[str, int], timeout: float) -> None:
         try:
             await socks_download(ports["socks"], 16, 1, 5)
             return
-        except (TransferError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (TimeoutError, TransferError, OSError, asyncio.IncompleteReadError):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
