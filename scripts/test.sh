@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install connproxy with its test tools into .venv and run everything CI runs: ruff, mypy, the unit tests
-# (plain pytest, hypothesis and trial-style tests; no running reactor) and the integration tests (pytest-twisted,
-# real sockets on 127.0.0.1). The two pytest runs are separate processes on purpose: trial-style TestCases and
+# (plain pytest, hypothesis and trial-style tests; no running reactor), the integration tests (pytest-twisted,
+# real sockets on 127.0.0.1) and the deployment checks (scripts/check-k8s.sh, scripts/build-steps.sh). The two pytest runs are separate processes on purpose: trial-style TestCases and
 # pytest-twisted's reactor greenlet do not mix in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,11 @@ fi
 # compat editable mode: the flat layout's twisted/plugins must be on sys.path for twistd to find the plugins.
 .venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat 2>&1 | grep -v 'WARNING: Location' || true
 .venv/bin/python -c 'import connproxy, h11, jwt, pytest_twisted, hypothesis' # fail early on a broken install
-.venv/bin/ruff check connproxy tests twisted bench
+.venv/bin/ruff check connproxy tests twisted bench scripts
 .venv/bin/mypy
 .venv/bin/pytest -p no:twisted -q tests/unit "$@"
 .venv/bin/pytest -q tests/integration "$@"
+# Deployment: Kubernetes manifests and Dockerfile offline (schemas, hadolint, shellcheck), then the image's build
+# steps outside a container with the manifests' configuration, run and probed on 127.0.0.1.
+./scripts/check-k8s.sh
+./scripts/build-steps.sh
