@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install connproxy with its test tools into .venv and run everything CI runs: ruff, mypy, the unit tests
-# (plain pytest, hypothesis and trial-style tests; no running reactor), the integration tests (pytest-twisted,
-# real sockets on 127.0.0.1) and the deployment checks (scripts/check-k8s.sh, scripts/build-steps.sh). The two pytest runs are separate processes on purpose: trial-style TestCases and
+# (plain pytest, hypothesis and trial-style tests; no running reactor) and the integration tests (pytest-twisted,
+# real sockets on 127.0.0.1). The two pytest runs are separate processes on purpose: trial-style TestCases and
 # pytest-twisted's reactor greenlet do not mix in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
