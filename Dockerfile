@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # connproxy container image: the proxy (default) and the on-premise connector share it.
 #
-#   docker build -t connproxy:0.1.0 .
+#   docker build -t connproxy:0.1.0 .          (BuildKit: RUN --mount; podman/buildah 1.28 needs --no-cache, as it
+#                                               cannot bind-mount a stage that came from its layer cache)
 #   proxy:     docker run connproxy:0.1.0 --config /etc/connproxy/config/connectivity-proxy-config.yml
 #   connector: docker run --entrypoint twistd connproxy:0.1.0 -n --pidfile= connproxy-connector --config FILE
 #
@@ -23,12 +24,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
-# The wheels are bind-mounted from the first stage, so no layer of this image holds them.
+# The wheels are bind-mounted from the first stage, so no layer of this image holds them. Twisted's plugin cache
+# (dropin.cache) is written here, as root; at run time the tree is read-only. Twisted rewrites the cache when a
+# plugin module is not older than it, and image layers keep modification times in whole seconds only, so the cache
+# is dated one second after everything installed (else every start logs "Unable to write to plugin cache").
 RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links=/wheels /wheels/connproxy-*.whl \
     && /opt/venv/bin/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))' \
-    && test -s "$(/opt/venv/bin/python -c 'import twisted.plugins, os; print(os.path.dirname(twisted.plugins.__file__))')/dropin.cache" \
+    && cache="$(/opt/venv/bin/python -c 'import os, twisted.plugins; print(os.path.dirname(twisted.plugins.__file__))')/dropin.cache" \
+    && test -s "$cache" \
+    && touch -d "@$(($(date +%s) + 1))" "$cache" \
     && chmod -R a-w /opt/venv \
     && groupadd --system --gid 10001 connproxy \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

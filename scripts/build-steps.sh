@@ -80,6 +80,8 @@ quiet_pip "$VENV/bin/python" -m pip install --no-cache-dir --no-index --find-lin
 PLUGINS_DIR=$("$VENV/bin/python" -c 'import os, twisted.plugins; print(os.path.dirname(twisted.plugins.__file__))')
 "$VENV/bin/python" -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
 test -s "$PLUGINS_DIR/dropin.cache" || { echo "build-steps: no plugin cache in $PLUGINS_DIR" >&2; exit 1; }
+# As in the Dockerfile: image layers keep whole seconds, and Twisted rewrites a cache that is not newer than a plugin.
+touch -d "@$(($(date +%s) + 1))" "$PLUGINS_DIR/dropin.cache"
 test -f "$PLUGINS_DIR/connproxy_plugin.py" || { echo "build-steps: connproxy_plugin.py not installed" >&2; exit 1; }
 chmod -R a-w "$VENV"
 step "install: $("$VENV/bin/python" -c 'import connproxy, twisted; print("connproxy", connproxy.__version__, "twisted", twisted.__version__)'), plugin cache written, tree read-only"

@@ -571,6 +571,9 @@ def test_dockerfile_entry_point_fits_the_workloads(rendered: dict[str, list[Obj]
     assert values["USER"].split(":")[0] == str(APP_UID)
     run = " ".join(value for keyword, value in final_stage if keyword == "RUN")
     assert "--no-index" in run and "getPlugins" in run and "chmod -R a-w" in run
+    # The plugin cache must be dated after the plugin modules in whole seconds (image layers drop the fraction).
+    assert re.search(r'touch -d "@\$\(\(\$\(date \+%s\) \+ 1\)\)" "\$cache"', run)
+    assert run.index("getPlugins") < run.index("touch -d") < run.index("chmod -R a-w")
     assert f"--uid {APP_UID}" in run
     cmd = json.loads(values["CMD"])
     for directory in PROXY_DIRS:
