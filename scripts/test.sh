@@ -13,7 +13,7 @@ fi
 # compat editable mode: the flat layout's twisted/plugins must be on sys.path for twistd to find the plugins.
 .venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat 2>&1 | grep -v 'WARNING: Location' || true
 .venv/bin/python -c 'import connproxy, h11, jwt, pytest_twisted, hypothesis' # fail early on a broken install
-.venv/bin/ruff check connproxy tests twisted bench fuzz
+.venv/bin/ruff check connproxy tests twisted bench fuzz scripts
 .venv/bin/mypy
 .venv/bin/pytest -p no:twisted -q tests/unit "$@"
 .venv/bin/pytest -q tests/integration "$@"
@@ -21,3 +21,7 @@ fi
 # The soak run's short form (bench/soak.py: 10 minutes by default).
 .venv/bin/python bench/soak.py --duration 20 --clients 12 --stallers 2 --restart-every 8 --max-size 1048576 >/tmp/connproxy-soak.json
 echo "soak: $(.venv/bin/python -c 'import json,sys; r=json.load(open("/tmp/connproxy-soak.json")); print(r["requests_total"], "requests,", r["bytes"], "bytes, errors", r["errors_by_cause"])')"
+# Deployment: Kubernetes manifests and Dockerfile offline (schemas, hadolint, shellcheck), then the image's build
+# steps outside a container with the manifests' configuration, run and probed on 127.0.0.1.
+./scripts/check-k8s.sh
+./scripts/build-steps.sh

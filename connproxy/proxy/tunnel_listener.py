@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_tunnel_server -*-
+# -*- test-case-name: tests.unit.test_tunnel -*-
 """The proxy's end of connector tunnels: the TLS listener protocol on the tunnel port (default 8042).
 
 The first bytes decide what a connection is: the tunnel preface starts a tunnel; anything else is read as an
