@@ -113,11 +113,14 @@ async def run_demo(reactor: Any, out: Any = sys.stdout) -> Any:
 def main_demo(args: argparse.Namespace) -> int:
     """Run the demo until interrupted; returns the exit code."""
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
+
+    from connproxy.config import LoggingConfig
+    from connproxy.obs.logs import observer_for
 
     if getattr(args, "state_dir", None):
         os.environ["CONNPROXY_STATE_DIR"] = str(args.state_dir)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([observer_for(LoggingConfig(), sys.stderr)], redirectStandardIO=False)
     status = [0]
 
     def started() -> None:

@@ -1,9 +1,17 @@
-"""What the two twistd plugins share: the ``--config`` option and turning a configuration error into a usage
-error that names the key (no traceback)."""
+"""What the two twistd plugins share: the ``--config`` option, turning a configuration error into a usage
+error that names the key (no traceback), and no pid file unless one is asked for.
+
+twistd writes ``twistd.pid`` in the working directory by default and refuses to start a second process in the
+same directory ("Another twistd server is running"). Both plugins switch that default off: twistd parses its own
+options before the plugin's, and hands the plugin's options object its own as ``parent``; when ``--pidfile`` still
+holds twistd's default and the command line does not name it, :meth:`ConfigOptions.postOptions` clears it (twistd
+then writes and checks no pid file). ``--pidfile=PATH`` (even ``--pidfile=twistd.pid``) still writes one.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from twisted.application.service import IService
@@ -13,11 +21,34 @@ from connproxy.config import ConfigError
 
 C = TypeVar("C")
 
+#: twistd's default ``--pidfile`` (``twisted.scripts._twistd_unix.ServerOptions``).
+TWISTD_DEFAULT_PIDFILE = "twistd.pid"
+
+
+def names_pidfile(argv: Sequence[str]) -> bool:
+    """Whether the twistd command line ``argv`` (without the program) sets ``--pidfile`` (also abbreviated, as
+    getopt allows: ``--pi``, ``--pid``, ...)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        name = arg.split("=", 1)[0]
+        if len(name) >= 4 and "--pidfile".startswith(name):
+            return True
+    return False
+
 
 class ConfigOptions(usage.Options):
     """Command line of ``twistd connproxy`` and ``twistd connproxy-connector``."""
 
     optParameters = [["config", "c", None, "YAML configuration file (default: embedded development defaults)"]]
+
+    def postOptions(self) -> None:
+        """Under twistd, clear twistd's default pid file unless the command line names one (module docstring)."""
+        parent = getattr(self, "parent", None)
+        if parent is None or not hasattr(parent, "get"):
+            return
+        if parent.get("pidfile") == TWISTD_DEFAULT_PIDFILE and not names_pidfile(sys.argv[1:]):
+            parent["pidfile"] = ""
 
 
 def make_service(

@@ -168,7 +168,7 @@ class ConnectorService(Service):
         """Join ``parent``; under twistd also hand it the configured log observer (``logging``)."""
         from connproxy.obs.logs import install
 
-        install(parent, self.config.logging)
+        install(parent, self.config.logging, self.reactor)
         super().setServiceParent(parent)
 
     def startService(self) -> None:

@@ -18,10 +18,13 @@ access control decision of the connector (:func:`access_decision`). Example::
 (one line in reality). ``time`` is ISO-8601 UTC with milliseconds. ``tenant`` and ``tunnelId`` are ``null``
 when the tenant is not known (for example a handshake refused before the connector proved one).
 
-Every event is written through a writer, ``Callable[[str], None]`` that takes the whole line without the
-newline; the default, :func:`stdout_writer`, writes it to ``sys.stdout`` with a newline and flushes. The JSON
-is ASCII-only (``ensure_ascii``), so a value cannot break the line. Caller-supplied strings are cut at
-:data:`MAX_FIELD_CHARS` characters, and a request path loses its query and fragment.
+Every event is a log event in namespace :data:`AUDIT_NAMESPACE` (``connproxy.audit``, level info) whose field
+``audit`` holds the object above; the process's log observer (:mod:`connproxy.obs.logs`) writes it whatever the
+configured level: as the ``[AUDIT-EVENT] {json}`` line above in console format, as a JSON object with
+``"audit": true`` in json format. A ``writer`` (``Callable[[str], None]``, taking the whole line without the
+newline) given to these functions receives the ``[AUDIT-EVENT]`` line instead, and no log event is emitted (tests
+use that). The JSON is ASCII-only (``ensure_ascii``), so a value cannot break the line. Caller-supplied strings
+are cut at :data:`MAX_FIELD_CHARS` characters, and a request path loses its query and fragment.
 
 **Never pass tokens** (proxy, service, user or connector credentials) to these functions: no parameter is
 meant for one, and the query string of a path (where tokens sometimes travel) is dropped for that reason.
@@ -30,7 +33,6 @@ meant for one, and the query string of a path (where tokens sometimes travel) is
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -39,18 +41,22 @@ from typing import Any, Final
 from twisted.logger import Logger
 
 __all__ = [
+    "AUDIT_NAMESPACE",
     "AUDIT_PREFIX",
     "FALLBACK_USER",
     "MAX_FIELD_CHARS",
     "AuditWriter",
     "access_decision",
+    "audit_json_record",
+    "build_event",
     "emit_event",
+    "encode_json",
     "format_event",
     "proxy_call_refused",
-    "stdout_writer",
     "tunnel_handshake",
 ]
 
+AUDIT_NAMESPACE: Final = "connproxy.audit"
 AUDIT_PREFIX: Final = "[AUDIT-EVENT] "
 FALLBACK_USER: Final = "fallback_for_missing_user"
 MAX_FIELD_CHARS: Final = 1024
@@ -59,35 +65,9 @@ _MAX_PATH_CHARS: Final = 2048
 #: Receives one complete audit line (prefix + JSON, without a newline).
 AuditWriter = Callable[[str], None]
 
-_log = Logger()
+_audit_log = Logger(namespace=AUDIT_NAMESPACE)
 #: ``json.dumps(..., ensure_ascii=True, separators=(",", ":"))`` without building an encoder per event.
-_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
-
-
-def _stdout() -> Any:
-    """The stream audit lines go to: the process's standard output.
-
-    twistd replaces ``sys.stdout`` with a file that turns writes into log events (timestamped, possibly sent to
-    a log file); audit events are written to the real standard output instead, as bare ``[AUDIT-EVENT] {json}``
-    lines, as SAP's proxy does.
-    """
-    out = sys.stdout
-    if type(out).__name__ == "LoggingFile" and sys.__stdout__ is not None:
-        return sys.__stdout__
-    return out
-
-
-def stdout_writer(line: str) -> None:
-    """Write ``line`` and a newline to standard output (see :func:`_stdout`) and flush.
-
-    A closed or broken stdout does not raise: the failure is logged (the event is lost).
-    """
-    try:
-        out = _stdout()
-        out.write(line + "\n")
-        out.flush()
-    except (OSError, ValueError):
-        _log.failure("could not write an audit event to stdout")
+encode_json: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
 
 def _cut(value: str | None, limit: int = MAX_FIELD_CHARS) -> str | None:
@@ -105,7 +85,7 @@ def _iso_utc(seconds: float) -> str:
     return stamp.replace("+00:00", "Z")
 
 
-def format_event(
+def build_event(
     *,
     user: str | None,
     tenant: str | None,
@@ -117,9 +97,9 @@ def format_event(
     details_key: str,
     details: Mapping[str, Any],
     now: float,
-) -> str:
-    """The audit line (prefix + one-line JSON, no newline) for one event; see the module docstring."""
-    event = {
+) -> dict[str, Any]:
+    """The audit object (SAP's shape, see the module docstring) of one event."""
+    return {
         "user": _cut(user) or FALLBACK_USER,
         "tenant": _cut(tenant),
         "time": _iso_utc(now),
@@ -133,7 +113,28 @@ def format_event(
             details_key: {k: _cut(v) if isinstance(v, str) else v for k, v in details.items()},
         },
     }
-    return AUDIT_PREFIX + _encode(event)
+
+
+def format_event(**fields: Any) -> str:
+    """The audit line (prefix + one-line JSON, no newline) for one event (``fields`` as for
+    :func:`build_event`)."""
+    return AUDIT_PREFIX + encode_json(build_event(**fields))
+
+
+def audit_json_record(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The audit object ``event`` as a record of the json log format: ``time``, ``level`` (``info``),
+    ``logger`` (:data:`AUDIT_NAMESPACE`), ``message`` (``"<action>: <message>"``), ``"audit": true``, then
+    ``user``, ``tenant`` and ``data`` as in the ``[AUDIT-EVENT]`` line."""
+    data = event.get("data")
+    data = data if isinstance(data, Mapping) else {}
+    return {
+        "time": event.get("time"),
+        "level": "info",
+        "logger": AUDIT_NAMESPACE,
+        "message": f"{data.get('action')}: {data.get('message')}",
+        "audit": True,
+        **{k: v for k, v in event.items() if k != "time"},
+    }
 
 
 def emit_event(
@@ -142,14 +143,19 @@ def emit_event(
     clock: Callable[[], float] | None = None,
     **fields: Any,
 ) -> None:
-    """Format an event (``fields`` as for :func:`format_event`, without ``now``) and write it.
+    """Build an event (``fields`` as for :func:`build_event`, without ``now``) and emit it as a log event in
+    :data:`AUDIT_NAMESPACE` (field ``audit``), or, given a ``writer``, hand it the ``[AUDIT-EVENT]`` line.
 
-    :param writer: default :func:`stdout_writer`.
     :param clock: seconds since the epoch; default :func:`time.time`.
-    :raises Exception: whatever a custom ``writer`` raises (the default one does not raise).
+    :raises Exception: whatever a custom ``writer`` raises (emitting a log event does not raise).
     """
-    line = format_event(now=(clock or time.time)(), **fields)
-    (writer or stdout_writer)(line)
+    event = build_event(now=(clock or time.time)(), **fields)
+    if writer is not None:
+        writer(AUDIT_PREFIX + encode_json(event))
+        return
+    data = event["data"]
+    _audit_log.info("audit {audit_action}: {audit_message}", audit=event, audit_action=data["action"],
+                    audit_message=data["message"])
 
 
 def tunnel_handshake(

@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from connproxy.obs.logs import DroppedLinesCollector
 from connproxy.proxy.registry import ConnectorRegistry
 
 #: At most this many (tenant, location) label sets are exported per gauge; the rest are summed under "_other".
@@ -71,6 +72,7 @@ class ProxyMetrics:
     def __init__(self, registry: ConnectorRegistry) -> None:
         self.prometheus = CollectorRegistry()
         self.prometheus.register(_RegistryCollector(registry))  # type: ignore[arg-type]
+        self.prometheus.register(DroppedLinesCollector())  # type: ignore[arg-type]
         self.stream_opens = Counter(
             "connproxy_stream_opens", "Streams opened through tunnels, by front end and result",
             ["front_end", "result"], registry=self.prometheus,

@@ -132,7 +132,7 @@ class ProxyService(MultiService):
         """Join ``parent``; under twistd also hand it the configured log observer (``logging``)."""
         from connproxy.obs.logs import install
 
-        install(parent, self.config.logging)
+        install(parent, self.config.logging, self.reactor)
         super().setServiceParent(parent)
 
     def authorizer_for(self, front_end: FrontEndConfig) -> Authorizer:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 from typing import Any
 
 import pytest
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from connproxy.obs import audit
-from connproxy.obs.audit import AUDIT_PREFIX, FALLBACK_USER
+from connproxy.obs.audit import AUDIT_NAMESPACE, AUDIT_PREFIX, FALLBACK_USER
 
 NOW = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z
 
@@ -124,15 +123,27 @@ def test_values_cannot_break_the_line_and_are_cut() -> None:
     assert len(event["data"]["handshakeDetails"]["locationId"]) == audit.MAX_FIELD_CHARS + 3
 
 
-def test_default_writer_is_stdout(capsys: pytest.CaptureFixture[str]) -> None:
-    audit.tunnel_handshake(True, tenant="a", connector_id="c", location=None, reason=None, peer=None)
-    out = capsys.readouterr().out
-    assert out.startswith(AUDIT_PREFIX) and out.endswith("\n") and out.count("\n") == 1
-    assert json.loads(out[len(AUDIT_PREFIX) :])["time"].endswith("Z")
+def test_without_a_writer_it_is_a_log_event_in_the_audit_namespace() -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        audit.tunnel_handshake(True, tenant="a", connector_id="c", location=None, reason=None, peer=None,
+                               clock=clock)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if e.get("log_namespace") == AUDIT_NAMESPACE]
+    assert event["log_level"] == LogLevel.info
+    assert event["audit"]["tenant"] == "a" and event["audit"]["time"] == "2023-11-14T22:13:20.250Z"
+    assert event["audit"]["data"]["message"] == "tunnel handshake success"
+    assert formatEvent(event) == "audit open connectivity tunnel: tunnel handshake success"
 
 
-def test_stdout_writer_survives_a_closed_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
-    closed = io.StringIO()
-    closed.close()
-    monkeypatch.setattr(sys, "stdout", closed)
-    audit.stdout_writer("[AUDIT-EVENT] {}")  # does not raise
+def test_json_record_marks_audit_and_keeps_the_sap_fields() -> None:
+    out = Lines()
+    audit.proxy_call_refused(front_end="socks5", tenant="t", client_id=None, reason="no_token", peer=None,
+                             writer=out, clock=clock)
+    event = out.only_event()
+    record = audit.audit_json_record(event)
+    assert record["audit"] is True and record["logger"] == AUDIT_NAMESPACE and record["level"] == "info"
+    assert record["time"] == event["time"] and record["message"] == "authorize proxy call: proxy call refused"
+    assert {k: record[k] for k in ("user", "tenant", "data")} == {k: event[k] for k in ("user", "tenant", "data")}

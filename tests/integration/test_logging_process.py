@@ -1,0 +1,129 @@
+"""The proxy as a real ``twistd -n connproxy`` process whose standard output is a pipe nobody reads: it keeps
+serving (the log never blocks the reactor), stops on SIGTERM, and leaves no pid file behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+import yaml
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.threads import deferToThread
+
+from tests.harness import free_port, wait_for
+
+BIN = Path(sys.executable).parent
+#: Enough refused requests to write several times a pipe's 64 KiB of log lines (~280 bytes each).
+REQUESTS = 600
+
+
+class Unread(ProcessProtocol):
+    """A child whose stdout and stderr are a pipe this test never reads while the child runs."""
+
+    def __init__(self) -> None:
+        self.ended: Deferred[Any] = Deferred()
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(reason.value)
+
+
+def proxy_config(tmp: Path, http_port: int, name: str) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "tenantMode": "dedicated", "subaccountId": "tenant-a",
+        "servers": {
+            "businessDataTunnel": {"port": free_port(), "bindAddress": "127.0.0.1"},
+            "proxy": {"http": {"port": http_port, "enableProxyAuthorization": False, "allowRemoteConnections": False},
+                      "socks5": {"port": free_port(), "enableProxyAuthorization": False,
+                                 "allowRemoteConnections": False}},
+        },
+        "metrics": {"prometheus": {"enabled": False}},
+        "logging": {"format": "console", "level": "info"},
+    }))
+    return path
+
+
+def refused_requests(port: int, count: int, deadline: float) -> int:
+    """``count`` HTTP proxy requests to a target no connector serves, one connection each (blocking: run it in
+    a thread); returns how many were answered before the first one that was not, or the deadline."""
+    answered = 0
+    for i in range(count):
+        if time.monotonic() > deadline:
+            break
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET http://unmapped-%d.internal/path HTTP/1.1\r\nHost: unmapped-%d.internal\r\n"
+                             b"Connection: close\r\n\r\n" % (i, i))
+                if not sock.recv(64).startswith(b"HTTP/1.1 503"):
+                    break
+        except OSError:
+            break
+        answered += 1
+    return answered
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+class Collect(Unread):
+    """A child whose output this test does read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output = bytearray()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data[-65536:]
+
+    errReceived = outReceived
+
+
+@pytest_twisted.inlineCallbacks
+def test_unread_stdout_does_not_stop_the_proxy(tmp_path: Path) -> Any:
+    read_end, write_end = os.pipe()
+    env = {**os.environ, "CONNPROXY_STATE_DIR": str(tmp_path / "state")}
+    blocked, other = Unread(), Collect()
+    ports = [free_port(), free_port()]
+    try:
+        # Two proxies in the same working directory, without --pidfile: no "Another twistd server is running".
+        for n, (child, port) in enumerate(zip((blocked, other), ports, strict=True)):
+            args = [str(BIN / "twistd"), "-n", "connproxy", "--config", str(proxy_config(tmp_path, port, f"p{n}"))]
+            fds: dict[int, Any] = {0: "w", 1: write_end, 2: write_end} if child is blocked else {0: "w", 1: "r", 2: "r"}
+            reactor.spawnProcess(child, args[0], args, env=env, path=str(tmp_path), childFDs=fds)
+        yield wait_for(lambda: all(accepts(p) for p in ports), timeout=30)
+        assert not (tmp_path / "twistd.pid").exists()
+        answered = yield deferToThread(refused_requests, ports[0], REQUESTS, time.monotonic() + 120)
+        assert answered == REQUESTS
+        os.kill(blocked.transport.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+        stopping = reactor.seconds()
+        yield blocked.ended
+        assert reactor.seconds() - stopping < 10
+        # What reached the pipe is whole lines of the log.
+        os.set_blocking(read_end, False)
+        lines = os.read(read_end, 1 << 20).split(b"\n")
+        assert len(lines) > 100 and b"failed: no connector" in lines[-2]
+        assert all(line.startswith((b"20", b"\t")) for line in lines[:-1])
+        # The other process, started in the same folder, was not disturbed.
+        assert (yield deferToThread(refused_requests, ports[1], 3, time.monotonic() + 30)) == 3
+        assert b"Another twistd server" not in other.output
+    finally:
+        for child in (blocked, other):
+            if child.transport.pid is not None:  # type: ignore[attr-defined]
+                os.kill(child.transport.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+        os.close(write_end)
+        os.close(read_end)
+        yield blocked.ended
+        yield other.ended
