@@ -104,6 +104,16 @@ class Socks5Protocol(Relay):
             return
         self._feed(data)
 
+    def readConnectionLost(self) -> None:
+        """FIN from the client: during the negotiation it gave up (close now, freeing its place at once); once
+        its CONNECT is in, the FIN is relayed (held until the stream is open)."""
+        if not self.wired and self.parser.state not in (Socks5State.WAIT_CONNECT_DECISION, Socks5State.ESTABLISHED):
+            self._cancel_timer()
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        super().readConnectionLost()
+
     def _feed(self, data: bytes) -> None:
         assert self.transport is not None
         try:
