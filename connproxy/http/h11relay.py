@@ -10,24 +10,8 @@ from typing import Any
 import h11
 from twisted.logger import Logger
 
-from connproxy.http.headers import Headers
+from connproxy.http.headers import Headers, escape_controls
 from connproxy.relay import Relay
-
-#: Reason phrases of the answers the proxy and the connector write themselves.
-REASONS = {
-    200: b"Connection established",
-    400: b"Bad Request",
-    403: b"Forbidden",
-    405: b"Method Not Allowed",
-    407: b"Proxy Authentication Required",
-    408: b"Request Timeout",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
 
 # ---------------------------------------------------------------------------------------------------- h11 relay
 
@@ -83,10 +67,11 @@ def send_event(conn: h11.Connection, transport: Any, event: h11.Event) -> None:
 
 def error_response_events(
     status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = (), *, close: bool = False,
-    head: bool = False,
+    head: bool = False, reason: bytes = b"",
 ) -> list[h11.Event]:
-    """The h11 events of a short ``text/plain`` answer (without the body for a ``HEAD`` request)."""
-    body = (message.rstrip("\n") + "\n").encode("utf-8", "replace")
+    """The h11 events of a short ``text/plain`` answer (without the body for a ``HEAD`` request); control
+    characters in ``message`` are escaped (:func:`~connproxy.http.headers.escape_controls`)."""
+    body = (escape_controls(message.rstrip("\n")) + "\n").encode("utf-8", "replace")
     head_fields: Headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode("ascii")),
@@ -94,7 +79,7 @@ def error_response_events(
     ]
     if close:
         head_fields.append((b"connection", b"close"))
-    response = h11.Response(status_code=status, headers=head_fields, reason=REASONS.get(status, b""))
+    response = h11.Response(status_code=status, headers=head_fields, reason=reason)
     if head:
         return [response, h11.EndOfMessage()]
     return [response, h11.Data(data=body), h11.EndOfMessage()]

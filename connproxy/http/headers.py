@@ -148,3 +148,16 @@ def split_authority(authority: str, default_port: int | None) -> tuple[str, int]
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"bad port in {authority!r}")
     return host, int(port_text)
+
+
+# ---------------------------------------------------------------------------------------------------- client text
+
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROLS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape_controls(text: str) -> str:
+    """``text`` (client-controlled: a location id, a tenant from a token, a host name) safe to put into an
+    answer body or a log line: every C0 control (CR, LF, TAB, NUL, ...), DEL, C1 control and the Unicode line and
+    paragraph separators become ``\\xNN`` (``\\u2028``/``\\u2029``); everything else is kept as it is."""
+    return text.translate(_CONTROLS)

@@ -1,4 +1,7 @@
-"""What every application-facing front end (SOCKS5, HTTP) shares: its factory's collaborators and settings."""
+# -*- test-case-name: tests.unit.test_frontend -*-
+"""What every application-facing front end (SOCKS5, HTTP) shares: its factory's collaborators and settings, and
+the connection limits checked at accept (``servers.proxy.clientConnection.maxConnections`` and
+``maxConnectionsPerClient``)."""
 
 from __future__ import annotations
 
@@ -6,11 +9,15 @@ from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 
 from connproxy.obs import audit
 from connproxy.proxy.routing import Router
+
+#: Refused connections are logged at most once per this many seconds (the count in between is in the line).
+REFUSAL_LOG_INTERVAL = 10.0
 
 
 class Authorizing(TypingProtocol):
@@ -20,16 +27,46 @@ class Authorizing(TypingProtocol):
         """Fire with a caller (``.tenant``, ``.client_id``) or fail with an ``AuthError``."""
 
 
+def client_key(addr: IAddress | None) -> str:
+    """The client a connection counts for in ``maxConnectionsPerClient``: its IP address (``""`` unknown)."""
+    return str(getattr(addr, "host", "") or "")
+
+
+def set_no_delay(transport: Any) -> None:
+    """Set TCP_NODELAY on an accepted client socket (small answers and handshakes must not wait for Nagle);
+    transports without it (test doubles, UNIX sockets) are left alone."""
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is None:
+        return
+    try:
+        setter(True)
+    except OSError:  # pragma: no cover - a socket closed under us
+        pass
+
+
 class FrontEndFactory(Factory):
-    """Base of the front ends' factories.
+    """Base of the front ends' factories: counts their connections and refuses those over the limits at accept,
+    before any work is done for them.
+
+    Subclasses implement :meth:`build` (a connection within the limits) and may override :meth:`refusal` (what
+    a connection over them gets: by default nothing, the socket is closed at once). The protocols built call
+    :meth:`release` from ``connectionLost``.
 
     :param router: hands out tunnel endpoints for (tenant, location, target).
     :param authorizer: decides who calls, for which tenant.
     :param clock: the injected reactor time for every timer of the front end's connections.
     :param authorization_enabled: whether this front end requires a token (``enableProxyAuthorization``).
     :param idle_timeout: seconds a connection may stay without traffic either way before it is closed.
+    :param max_connections: connections to this front end at once; further ones are refused.
+    :param max_connections_per_client: connections from one client IP address to this front end at once.
+    :param metrics: :class:`~connproxy.proxy.metrics.ProxyMetrics` (refusals are counted there), or None.
     :param audit_writer: where refused calls are audited (``None``: stdout).
     """
+
+    log = Logger()
+    #: The front end's name in logs and metrics.
+    front_end = "front end"
+    noisy = False
 
     def __init__(
         self,
@@ -39,6 +76,9 @@ class FrontEndFactory(Factory):
         *,
         authorization_enabled: bool,
         idle_timeout: float = 3600.0,
+        max_connections: int = 10_000,
+        max_connections_per_client: int = 1_000,
+        metrics: Any = None,
         audit_writer: audit.AuditWriter | None = None,
     ) -> None:
         self.router = router
@@ -46,4 +86,64 @@ class FrontEndFactory(Factory):
         self.clock = clock
         self.authorization_enabled = authorization_enabled
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
+        self.metrics = metrics
         self.audit_writer = audit_writer
+        #: Connections open now, in total and by client address.
+        self.connections = 0
+        self.by_client: dict[str, int] = {}
+        self._unlogged_refusals = 0
+        self._refusal_logged_at: float | None = None
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # type: ignore[override]
+        """A new connection: :meth:`build` within the limits, else :meth:`refusal` (logged, counted)."""
+        key = client_key(addr)
+        if self.connections >= self.max_connections:
+            self._refused(key, "max_connections", self.max_connections)
+            return self.refusal(addr)
+        if self.by_client.get(key, 0) >= self.max_connections_per_client:
+            self._refused(key, "max_connections_per_client", self.max_connections_per_client)
+            return self.refusal(addr)
+        protocol = self.build(addr)
+        self.connections += 1
+        self.by_client[key] = self.by_client.get(key, 0) + 1
+        protocol._front_end_slot = key  # type: ignore[attr-defined]
+        return protocol
+
+    def build(self, addr: IAddress | None) -> Protocol:
+        """Hook: the protocol of a connection within the limits."""
+        raise NotImplementedError
+
+    def refusal(self, addr: IAddress | None) -> Protocol | None:
+        """Hook: the protocol of a connection over the limits (``None``: the socket is closed at once)."""
+        return None
+
+    def release(self, protocol: Protocol) -> None:
+        """``protocol``'s connection ended: free its place in the limits (a second call does nothing)."""
+        key = getattr(protocol, "_front_end_slot", None)
+        if key is None:
+            return
+        protocol._front_end_slot = None  # type: ignore[attr-defined]
+        self.connections -= 1
+        left = self.by_client.get(key, 0) - 1
+        if left > 0:
+            self.by_client[key] = left
+        else:
+            self.by_client.pop(key, None)
+
+    def _refused(self, client: str, limit: str, value: int) -> None:
+        counter = getattr(self.metrics, "client_connections_refused", None)
+        if counter is not None:
+            counter.labels(front_end=self.front_end, limit=limit).inc()
+        self._unlogged_refusals += 1
+        now = self.clock.seconds()
+        if self._refusal_logged_at is not None and now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            return
+        self.log.warn(
+            "{front_end} front end at its connection limit ({limit}={value}): refused {count} connection(s) "
+            "since the last report, the latest from {client}", front_end=self.front_end, limit=limit, value=value,
+            count=self._unlogged_refusals, client=client or "(unknown)",
+        )
+        self._unlogged_refusals = 0
+        self._refusal_logged_at = now

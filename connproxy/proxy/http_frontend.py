@@ -1,98 +1,83 @@
 # -*- test-case-name: tests.unit.test_http_proxy -*-
 """The HTTP proxy front end (default port 20003): SAP's application-facing HTTP/1.1 proxy, parsed with h11.
 
-One client connection is one :class:`HttpProxyProtocol`. It reads requests with an h11 ``SERVER`` connection
-(keep-alive, pipelining held back until the previous answer is out), accepts the absolute form
-``http://vhost:vport/path`` (no port means 80) and the origin form with ``Host``, authorizes the caller,
-and sends each request through its own tunnel stream: ``router.endpoint(kind="http")`` opens the stream, the
-connector decides access from the OPEN metadata (method, path, upgrade) and accepts once a backend connection is
-ready; the proxy then writes the cleaned request into the stream with an h11 ``CLIENT`` connection (so chunked
-bodies stay well-formed), FIN after the body, and re-frames the response it parses from the stream onto the
-client connection. The bytes move through :mod:`connproxy.relay`: the client side and the stream side
-(:class:`UpstreamRelay`) are wired for the duration of one exchange (each transport is the other's producer, so
-a slow client stops the stream's credit and a blocked stream pauses the client socket) and unwired afterwards.
+One client connection is one :class:`HttpProxyProtocol`: Twisted glue around the pure request rules of
+:mod:`connproxy.proxy.http_request`. It reads requests with an h11 ``SERVER`` connection (keep-alive, pipelining
+held back until the previous answer is out), has each request head decided by
+:func:`~connproxy.proxy.http_request.parse_proxy_request`, authorizes the caller, and sends each request through
+its own tunnel stream: ``router.endpoint(kind="http")`` opens the stream, the connector decides access from the
+OPEN metadata (method, path, upgrade) and accepts once a backend connection is ready; the proxy then writes the
+cleaned request into the stream with an h11 ``CLIENT`` connection (so chunked bodies stay well-formed), FIN after
+the body, and re-frames the response it parses from the stream onto the client connection. The bytes move
+through :mod:`connproxy.relay`: the client side and the stream side (:class:`UpstreamRelay`) are wired for the
+duration of one exchange (each transport is the other's producer, so a slow client stops the stream's credit
+and a blocked stream pauses the client socket) and unwired afterwards. Each exchange is in one :class:`Phase`;
+the legal transitions are in :data:`TRANSITIONS`.
 
 ``CONNECT host:port`` (where ``allowConnect``) opens a ``kind="tcp"`` stream, answers 200 and becomes a plain
 :class:`~connproxy.relay.Relay`, exactly like the SOCKS5 front end; an upgrade (``101``, WebSocket) does the
 same after the backend agreed.
 
-Answers of the proxy itself, each with a short ``text/plain`` body and a log event: 400 (malformed request,
-broken header rules), 405 (``https://`` targets; CONNECT where not allowed), 407 with ``Proxy-Authenticate:
-Bearer`` (missing or invalid token where authorization is on), 408 (request head not complete in time), 414
+Answers of the proxy itself, each with a short ``text/plain`` body and a log event: 400 (malformed request or
+request body, broken header rules), 405 (``https://`` targets; CONNECT where not allowed), 407 with
+``Proxy-Authenticate: Bearer`` (missing or invalid token where authorization is on), 408 (request head not
+complete within ``handshakeTimeoutSeconds`` of its first byte, or of the accept for a connection's first request;
+a connection that sent no byte at all is closed without an answer; a request body too slow, see below), 414
 (request line longer than ``maxLineBytes``), 431 (a header line longer than ``maxLineBytes`` or a header block
-larger than ``maxHeaderBytes``), and for failed tunnel streams the status of
-:func:`connproxy.tunnel.errors.http_status_for`: 503 no connector, 403 access denied (the connector's sentence),
+larger than ``maxHeaderBytes``), 503 with ``Connection: close`` when the front end is at its connection limits
+(:class:`~connproxy.proxy.frontend.FrontEndFactory`), and for failed tunnel streams the status of
+:func:`connproxy.proxy.replies.http_status_for`: 503 no connector, 403 access denied (the connector's sentence),
 502 backend refused or reset, 504 backend or first-byte timeout.
 
-:func:`end_to_end_headers` and :class:`H11Relay` are shared with the connector's side
-(:mod:`connproxy.connector.http_gateway`).
+Request body timeout (``bodyTimeoutSeconds``, T): while a request body streams into its tunnel stream, every
+window of T seconds must carry at least ``max(1, MIN_BODY_RATE * T)`` body bytes (:data:`MIN_BODY_RATE` bytes/s
+on average; so no body progress for T..2T seconds fails too), unless the stream itself holds the body back
+(flow control) when the window ends. A body too slow gets 408 if nothing was answered yet (the stream is reset,
+the connection closed), else the stream is reset and the client connection cut. The first-byte timeout
+(``firstByteTimeoutSeconds``, 504) starts when the request is complete in the stream.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
-from urllib.parse import urlsplit
 
 import h11
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connproxy.http.h11relay import REASONS, H11Relay, HttpError, error_response_events, send_event
+from connproxy.http.h11relay import H11Relay, HttpError, error_response_events, send_event
 from connproxy.http.headers import (
     end_to_end_headers,
-    forwarded_request_headers,
+    escape_controls,
     forwarded_response_headers,
-    has_body,
     header_list,
     header_values,
-    split_authority,
     upgrade_of,
 )
 from connproxy.obs import audit
-from connproxy.proxy.auth import AuthError, bearer_token
-from connproxy.proxy.frontend import Authorizing, FrontEndFactory
-from connproxy.proxy.replies import http_status_for, open_failure_text
+from connproxy.proxy.auth import AuthError
+from connproxy.proxy.frontend import Authorizing, FrontEndFactory, set_no_delay
+from connproxy.proxy.http_request import (
+    ProxyRequest,
+    RequestRules,
+    check_propagation,
+    has_body_headers,
+    parse_proxy_request,
+)
+from connproxy.proxy.replies import http_status_for, open_failure_text, reason_for
 from connproxy.proxy.routing import Router
 from connproxy.relay import Relay, RelayFactory, describe_transport, unwire, wire
 from connproxy.tunnel.errors import StreamRefusedError, StreamResetError
 
-Headers = list[tuple[bytes, bytes]]
-
-H_LOCATION_ID = b"sap-connectivity-scc-location_id"
-H_USER = b"sap-connectivity-authentication"
-H_TECHNICAL = b"sap-connectivity-technical-authentication"
-H_SERVICE_TOKEN = b"sap-cp-connectivity-service-token"
-H_PROXY_AUTHORIZATION = b"proxy-authorization"
-
-#: The largest principal-propagation token carried in OPEN metadata (OPEN payloads are at most 64 KiB).
-MAX_PROPAGATED_TOKEN_BYTES = 16384
-_VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+(?: [\x21-\x7e]+)?")
-
-
-def _carries_user(token: str) -> bool:
-    """Whether a (verified) proxy token identifies a user: a token exchange result, not client credentials."""
-    try:
-        payload = token.split(".")[1]
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):
-        return False
-    if not isinstance(claims, dict):
-        return False
-    grant = claims.get("grant_type")
-    if isinstance(grant, str) and grant and grant != "client_credentials":
-        return True
-    return any(isinstance(claims.get(k), str) and claims.get(k) for k in ("user_name", "user_id", "user_uuid"))
-
-
+#: The average request body rate (bytes/s) each body timeout window must reach.
+MIN_BODY_RATE = 100
 
 # ---------------------------------------------------------------------------------------------------- upstream
 
@@ -163,37 +148,105 @@ class UpstreamRelay(H11Relay):
         front.upstream_lost(self, reason)
 
 
-# ---------------------------------------------------------------------------------------------------- front end
+# ---------------------------------------------------------------------------------------------------- exchange
 
 
-@dataclass
+class Phase(Enum):
+    """Where one request/answer exchange on a client connection stands.
+
+    Whether the request itself is complete is h11's state (``their_state``), not ours: the body may still be
+    coming while the answer is passed on already.
+    """
+
+    #: Authorizing and opening the stream; a request body waits in h11's buffer (reading paused).
+    ROUTING = "routing"
+    #: Refused (no body): the proxy's answer waits for the end of the request.
+    REJECTED = "rejected"
+    #: The stream is open and the request (body) goes into it; no answer yet (body timeout).
+    SENDING = "sending"
+    #: The request is complete in the stream; waiting for the answer (first-byte timeout).
+    WAITING = "waiting"
+    #: The answer is being passed on (the request body may still be going into the stream).
+    ANSWERING = "answering"
+    #: The answer is complete; the request body is still going into the stream.
+    ANSWERED = "answered"
+    #: Over: finished, failed, or turned into a tunnel (CONNECT, upgrade).
+    ENDED = "ended"
+
+
+#: The legal transitions of an exchange.
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.ROUTING: frozenset({Phase.REJECTED, Phase.SENDING, Phase.WAITING, Phase.ENDED}),
+    Phase.REJECTED: frozenset({Phase.ENDED}),
+    Phase.SENDING: frozenset({Phase.WAITING, Phase.ANSWERING, Phase.ENDED}),
+    Phase.WAITING: frozenset({Phase.ANSWERING, Phase.ENDED}),
+    Phase.ANSWERING: frozenset({Phase.ANSWERED, Phase.ENDED}),
+    Phase.ANSWERED: frozenset({Phase.ENDED}),
+    Phase.ENDED: frozenset(),
+}
+
+
+@dataclass(eq=False)
 class _Exchange:
-    """One request on a client connection."""
+    """One request on a client connection: its phase, what it decided, and the resources it holds."""
 
-    request: h11.Request
-    host: str = ""
-    port: int = 0
-    path: str = "/"
-    location: str = ""
+    method: bytes
+    raw_target: bytes
+    has_body: bool
+    #: ``Transfer-Encoding`` and ``Content-Length`` together: the connection is not reused afterwards.
+    must_close: bool = False
+    request: ProxyRequest | None = None
+    phase: Phase = Phase.ROUTING
     tenant: str = ""
-    connect: bool = False
-    upgrade: bytes | None = None
-    body: bool = False
+    rejection: HttpError | None = None
     pending: Deferred[Any] | None = None
     upstream: UpstreamRelay | None = None
-    request_done: bool = False
-    response_started: bool = False
-    response_done: bool = False
-    rejected: HttpError | None = None
-    proxy_token: str | None = None
-    service_token: str | None = None
-    first_byte: IDelayedCall | None = None
-    must_close: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
+    timer: IDelayedCall | None = None
+    body_bytes: int = 0
+
+    def to(self, phase: Phase) -> None:
+        """Move to ``phase``.
+
+        :raises RuntimeError: the transition is not in :data:`TRANSITIONS` (a bug; the connection answers 500).
+        """
+        if phase not in TRANSITIONS[self.phase]:
+            raise RuntimeError(f"HTTP exchange cannot go from {self.phase.name} to {phase.name}")
+        self.phase = phase
+
+    @property
+    def answering(self) -> bool:
+        """Whether the answer of the backend has started (the client can only learn of a failure by a cut)."""
+        return self.phase in (Phase.ANSWERING, Phase.ANSWERED)
 
     @property
     def target(self) -> str:
-        return f"{self.host}:{self.port}"
+        """``host:port`` once decided, else (a quote of) the request target, for logs and answers."""
+        if self.request is not None:
+            return self.request.target
+        return escape_controls(self.raw_target[:200].decode("latin-1"))
+
+    def stop_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def cancel_pending(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()
+
+
+#: h11's states of the client once its request is complete (a request offering an upgrade, or CONNECT, waits in
+#: ``MIGHT_SWITCH_PROTOCOL``).
+_REQUEST_COMPLETE = frozenset({h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.MIGHT_SWITCH_PROTOCOL,
+                               h11.SWITCHED_PROTOCOL})
+
+
+def _stream_holds_back(upstream: UpstreamRelay | None) -> bool:
+    """Whether the tunnel stream is not taking more bytes now (flow control): a slow body is not the client's
+    fault then. Read from :class:`~connproxy.tunnel.stream.TunnelStream`'s producer state where it has one."""
+    transport = upstream.transport if upstream is not None else None
+    return bool(getattr(transport, "_producer_paused", False))
 
 
 @implementer(IPushProducer)
@@ -255,6 +308,7 @@ class HttpProxyProtocol(H11Relay):
         self.tunnel_mode = False
         self.requests = 0
         self._probe = b""
+        self._received = 0
         self._head_timer: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self._last_activity = 0.0
@@ -263,9 +317,11 @@ class HttpProxyProtocol(H11Relay):
     # ------------------------------------------------------------------ connection
 
     def connectionMade(self) -> None:
-        """Start the idle timer (the request head timer starts with its first byte)."""
+        """Set TCP_NODELAY, start the idle timer and the timer of the first request head (counted from now)."""
+        set_no_delay(self.transport)
         self.touch()
         self._idle_timer = self.factory.clock.callLater(self.factory.idle_timeout, self._idle_check)
+        self._start_head_timer()
 
     def touch(self) -> None:
         """Note traffic on the connection (either direction) for the idle timeout."""
@@ -288,6 +344,10 @@ class HttpProxyProtocol(H11Relay):
     def _client(self) -> str:
         return describe_transport(self.transport)
 
+    def _request_complete(self) -> bool:
+        """Whether h11 has seen the whole current request (its ``EndOfMessage`` was handled)."""
+        return self.conn.their_state in _REQUEST_COMPLETE
+
     def dataReceived(self, data: bytes) -> None:
         """Parse requests (HTTP mode) or relay raw bytes (after CONNECT or an upgrade)."""
         self.touch()
@@ -296,6 +356,7 @@ class HttpProxyProtocol(H11Relay):
             return
         if self._closing:
             return
+        self._received += len(data)
         if self.exchange is None and self.conn.their_state is h11.IDLE and not self._check_request_line(data):
             return
         super().dataReceived(data)
@@ -317,11 +378,19 @@ class HttpProxyProtocol(H11Relay):
         return True
 
     def _head_timed_out(self) -> None:
+        """No complete request head in time: 408, or just close a connection that never sent a byte."""
         self._head_timer = None
-        if self.exchange is None and not self.tunnel_mode and self.transport is not None:
-            self._fail_and_close(
-                HttpError(408, f"request head not complete within {self.factory.header_timeout:g}s")
-            )
+        if self.exchange is not None or self.tunnel_mode or self.transport is None or self._closing:
+            return
+        timeout = self.factory.header_timeout
+        if not self._received:
+            self.log.info("HTTP client {client} sent nothing within {timeout}s of connecting: closing",
+                          client=self._client(), timeout=timeout)
+            self._close()
+            return
+        self.log.info("HTTP client {client}: request head not complete within {timeout}s (408)",
+                      client=self._client(), timeout=timeout)
+        self._fail_and_close(HttpError(408, f"request head not complete within {timeout:g}s"))
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None and self._head_timer.active():
@@ -332,22 +401,25 @@ class HttpProxyProtocol(H11Relay):
     def can_pump(self) -> bool:
         """Hold body events while the request is being authorized and routed."""
         ex = self.exchange
-        return not self._closing and (
-            ex is None or ex.upstream is not None or ex.rejected is not None or not ex.body
-        )
+        return not self._closing and (ex is None or ex.phase is not Phase.ROUTING or not ex.has_body)
 
     def protocol_error(self, error: h11.RemoteProtocolError) -> None:
-        """A malformed request: 400, or 431 when the header block is too large."""
+        """A malformed request or request body (the client's fault): 400, or 431 when the header block is too
+        large. A body that broke off mid-way resets its stream first (the backend must not take a truncated
+        request as complete); once an answer is under way the client connection is cut instead."""
         status = error.error_status_hint or 400
-        text = (
-            f"request header block larger than {self.factory.max_header_bytes} bytes"
-            if status == 431 else f"malformed request: {error}"
-        )
         ex = self.exchange
-        if ex is not None and ex.upstream is not None and not ex.request_done:
-            # The request body broke off mid-way: the backend must not take a truncated request as complete.
-            if ex.upstream.transport is not None:
-                ex.upstream.transport.abortConnection()  # type: ignore[attr-defined]
+        if status == 431:
+            text = f"request header block larger than {self.factory.max_header_bytes} bytes"
+        elif ex is not None:
+            text = f"malformed request body: {error}"
+        else:
+            text = f"malformed request: {error}"
+        self.log.info("HTTP client {client} sent a malformed request: {error} ({status})", client=self._client(),
+                      error=str(error), status=status)
+        if ex is not None:
+            ex.cancel_pending()
+            self._drop_upstream(ex)
         self._fail_and_close(HttpError(status, text))
 
     def internal_error(self) -> None:
@@ -357,143 +429,54 @@ class HttpProxyProtocol(H11Relay):
     # ------------------------------------------------------------------ requests
 
     def handle_event(self, event: h11.Event) -> None:
-        """Route a request head; pass body events upstream."""
+        """Decide on a request head; pass body events into the stream."""
         ex = self.exchange
         if isinstance(event, h11.Request):
             self._cancel_head_timer()
             self._begin(event)
         elif isinstance(event, h11.Data):
-            if ex is not None and ex.upstream is not None and ex.rejected is None:
+            if ex is not None and ex.upstream is not None and ex.phase is not Phase.ROUTING:
                 ex.upstream.send(event)
-                self._restart_first_byte(ex)
+                ex.body_bytes += len(event.data)
         elif isinstance(event, h11.EndOfMessage):
             if ex is None:
                 return
-            ex.request_done = True
-            if ex.rejected is not None:
-                self._answer(ex.rejected)
-            elif ex.upstream is not None and not ex.connect:
-                self._end_request(ex, ex.upstream)
+            if ex.phase is Phase.REJECTED:
+                self._answer(ex)
+            elif ex.upstream is not None and ex.phase is not Phase.ROUTING:
+                self._end_request(ex)
+            # ROUTING: h11's state records that the request is complete
         elif isinstance(event, h11.ConnectionClosed):
             if ex is None:
                 self._close()
 
     def _begin(self, request: h11.Request) -> None:
         self.requests += 1
-        ex = _Exchange(request=request, body=has_body(request))
+        headers = header_list(request.headers)
+        ex = _Exchange(method=request.method, raw_target=request.target, has_body=has_body_headers(headers),
+                       must_close=bool(header_values(headers, b"transfer-encoding")
+                                       and header_values(headers, b"content-length")))
         self.exchange = ex
         try:
-            self._parse(ex)
+            ex.request = parse_proxy_request(request.method, request.target, headers, self.factory.rules)
         except HttpError as error:
-            self.log.info(
-                "HTTP {client} {method} {target} refused: {status} {reason}", client=self._client(),
-                method=request.method.decode("latin-1"), target=request.target[:200].decode("latin-1"),
-                status=error.status, reason=error.message,
-            )
-            self._reject(error)
+            self._refused(ex, error)
             return
         assert self.transport is not None
         self.transport.pauseProducing()  # type: ignore[attr-defined]
-        d = self.factory.authorizer.authorize(proxy_token=ex.proxy_token, service_token=ex.service_token)
+        d = self.factory.authorizer.authorize(proxy_token=ex.request.proxy_token,
+                                              service_token=ex.request.service_token)
         ex.pending = d
-        d.addCallbacks(self._authorized, self._auth_failed, callbackArgs=(ex, ex.proxy_token), errbackArgs=(ex,))
+        d.addCallbacks(self._authorized, self._auth_failed, callbackArgs=(ex,), errbackArgs=(ex,))
         d.addErrback(self._bug, ex)
 
-    @staticmethod
-    def _single(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-        values = header_values(headers, name)
-        if len(values) > 1:
-            raise HttpError(400, f"header {name.decode()} sent more than once")
-        return values[0] if values else None
-
-    def _parse(self, ex: _Exchange) -> None:
-        """Fill in the target and routing data of ``ex`` from its request; raise :class:`HttpError` to refuse."""
-        request = ex.request
-        headers = header_list(request.headers)
-        limit = self.factory.max_line_bytes
-        if len(request.method) + len(request.target) + 10 > limit:
-            raise HttpError(414, f"request line longer than {limit} bytes")
-        head = len(request.method) + len(request.target) + 12
-        for name, value in headers:
-            if len(name) + len(value) + 2 > limit:
-                raise HttpError(431, f"header line {name.decode('latin-1')[:64]} longer than {limit} bytes")
-            head += len(name) + len(value) + 4
-        if head > self.factory.max_header_bytes:
-            # h11 bounds an incomplete head only; one that arrives whole in fewer reads is measured here.
-            raise HttpError(431, f"request header block larger than {self.factory.max_header_bytes} bytes")
-        target = request.target.decode("ascii", "replace")
-        if "#" in target:
-            raise HttpError(400, "a request target must not contain a fragment (#)")
-        if request.method == b"CONNECT":
-            if not self.factory.allow_connect:
-                raise HttpError(405, "CONNECT is not allowed on this proxy (allowConnect is false)",
-                                [(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
-            try:
-                ex.host, ex.port = split_authority(target, None)
-            except ValueError:
-                raise HttpError(400, f"CONNECT target must be host:port, got {target[:200]}") from None
-            ex.connect = True
-        elif target.startswith("/"):
-            host = self._single(headers, b"host")
-            if not host:
-                raise HttpError(400, "origin-form request without a Host header")
-            try:
-                ex.host, ex.port = split_authority(host.decode("ascii"), 80)
-            except (ValueError, UnicodeDecodeError):
-                raise HttpError(400, "bad Host header") from None
-            ex.path = target
-        else:
-            scheme = target.split(":", 1)[0].lower() if ":" in target else ""
-            if scheme == "https":
-                raise HttpError(405, "https:// targets are not supported: send http:// (the connector may use "
-                                     "HTTPS to the backend), or use SOCKS5 for TLS end to end")
-            if scheme != "http":
-                raise HttpError(400, f"request target must be http://host[:port]/path or /path, got {target[:200]}")
-            try:
-                parts = urlsplit(target)
-                ex.host, ex.port = split_authority(parts.netloc, 80)
-            except ValueError:
-                raise HttpError(400, f"bad host in request target {target[:200]}") from None
-            ex.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        if header_values(headers, b"transfer-encoding") and header_values(headers, b"content-length"):
-            # Framed as chunked (h11, RFC 9112 6.3), but whoever sent it may disagree: never reuse the connection.
-            ex.must_close = True
-        ex.proxy_token = bearer_token(self._single(headers, H_PROXY_AUTHORIZATION))
-        service_token = self._single(headers, H_SERVICE_TOKEN)
-        ex.service_token = service_token.decode("latin-1") if service_token else None
-        location = self._single(headers, H_LOCATION_ID)
-        try:
-            ex.location = location.decode("utf-8").strip() if location else ""
-        except UnicodeDecodeError:
-            raise HttpError(400, "SAP-Connectivity-SCC-Location_ID is not UTF-8") from None
-        user = self._single(headers, H_USER)
-        technical = self._single(headers, H_TECHNICAL)
-        if user and technical:
-            raise HttpError(400, "send either SAP-Connectivity-Authentication (principal propagation) or "
-                                 "SAP-Connectivity-Technical-Authentication (technical user propagation), "
-                                 "not both")
-        if (user or technical) and header_values(headers, b"authorization"):
-            raise HttpError(400, "the Authorization header must be omitted when SAP-Connectivity-Authentication "
-                                 "or SAP-Connectivity-Technical-Authentication propagates the user")
-        for name, token in ((H_USER, user), (H_TECHNICAL, technical)):
-            if token is not None and len(token) > MAX_PROPAGATED_TOKEN_BYTES:
-                raise HttpError(431, f"header {name.decode()} larger than {MAX_PROPAGATED_TOKEN_BYTES} bytes")
-            if token is not None and not _VISIBLE_ASCII.fullmatch(token):
-                # A bearer token is visible ASCII; anything else would also grow in the OPEN's JSON.
-                raise HttpError(400, f"header {name.decode()} must be visible ASCII (Bearer <token>)")
-        ex.upgrade = None if ex.connect else upgrade_of(headers)
-        meta: dict[str, Any] = {"client": self._client(), "via": "http-connect" if ex.connect else "http"}
-        if not ex.connect:
-            meta["http"] = {
-                "method": request.method.decode("ascii"),
-                "target": ex.path,
-                "upgrade": ex.upgrade.decode("latin-1") if ex.upgrade is not None else None,
-            }
-        if user:
-            meta["authentication"] = user.decode("latin-1")
-        if technical:
-            meta["technical_authentication"] = technical.decode("latin-1")
-        ex.meta = meta
+    def _refused(self, ex: _Exchange, error: HttpError) -> None:
+        self.log.info(
+            "HTTP {client} {method} {target} refused: {status} {reason}", client=self._client(),
+            method=ex.method.decode("latin-1"), target=ex.target, status=error.status,
+            reason=escape_controls(error.message),
+        )
+        self._reject(ex, error)
 
     # ------------------------------------------------------------------ authorization and routing
 
@@ -511,35 +494,34 @@ class HttpProxyProtocol(H11Relay):
         status = error.http_status
         self.log.info(
             "HTTP {client} {method} {target} not authorized: {reason} ({status})", client=self._client(),
-            method=ex.request.method.decode("latin-1"), target=ex.target, reason=str(error), status=status,
+            method=ex.method.decode("latin-1"), target=ex.target, reason=str(error), status=status,
         )
         audit.proxy_call_refused(
             front_end="http", tenant=None, client_id=None, reason=error.reason, peer=self._client(),
             writer=self.factory.audit_writer,
         )
         headers = [(b"proxy-authenticate", b"Bearer")] if status == 407 else []
-        self._reject(HttpError(status, str(error), headers))
+        self._reject(ex, HttpError(status, str(error), headers))
 
-    def _authorized(self, caller: Any, ex: _Exchange, proxy_token: str | None) -> None:
+    def _authorized(self, caller: Any, ex: _Exchange) -> None:
         ex.pending = None
-        if not self._current(ex):
+        request = ex.request
+        if not self._current(ex) or request is None:
             return
-        if (
-            self.factory.authorization_enabled and proxy_token and "authentication" in ex.meta
-            and _carries_user(proxy_token)
-        ):
-            self._reject(HttpError(
-                400, "the user is already in Proxy-Authorization (a token exchange result): "
-                     "SAP-Connectivity-Authentication must not be sent as well"))
+        try:
+            check_propagation(request, authorization_enabled=self.factory.authorization_enabled)
+        except HttpError as error:
+            self._refused(ex, error)
             return
         ex.tenant = caller.tenant
-        ex.meta["client_id"] = caller.client_id
+        meta = request.meta(self._client())
+        meta["client_id"] = caller.client_id
         self._own_answers.release()  # the stream becomes the client transport's producer
         endpoint = self.factory.router.endpoint(
-            tenant=caller.tenant, location=ex.location, host=ex.host, port=ex.port,
-            kind="tcp" if ex.connect else "http", meta=ex.meta,
+            tenant=caller.tenant, location=request.location, host=request.host, port=request.port,
+            kind=request.kind, meta=meta,
         )
-        if ex.connect:
+        if request.connect:
             factory = RelayFactory(self, _TunnelSide)
         else:
             max_header = self.factory.max_header_bytes
@@ -555,12 +537,14 @@ class HttpProxyProtocol(H11Relay):
             return
         status = http_status_for(failure)
         message = open_failure_text(failure, ex.target)
+        location = ex.request.location if ex.request is not None else ""
         self.log.info(
             "HTTP {client} {method} {target} (subaccount {tenant}, location {location}) failed: {error} "
-            "({status})", client=self._client(), method=ex.request.method.decode("latin-1"), target=ex.target,
-            tenant=ex.tenant, location=ex.location or "(default)", error=str(failure.value), status=status,
+            "({status})", client=self._client(), method=ex.method.decode("latin-1"), target=ex.target,
+            tenant=escape_controls(ex.tenant), location=escape_controls(location) or "(default)",
+            error=escape_controls(str(failure.value)), status=status,
         )
-        self._reject(HttpError(status, message))
+        self._reject(ex, HttpError(status, message))
 
     def _bug(self, failure: Failure, ex: _Exchange) -> None:
         self.log.failure("HTTP proxy bug while handling {target}", failure, target=ex.target)
@@ -569,44 +553,71 @@ class HttpProxyProtocol(H11Relay):
 
     def _connected(self, protocol: Any, ex: _Exchange) -> None:
         ex.pending = None
-        if not self._current(ex):
+        request = ex.request
+        if not self._current(ex) or request is None:
             if protocol.transport is not None:
                 protocol.transport.abortConnection()
             return
-        if ex.connect:
+        if request.connect:
             self._start_tunnel(ex, protocol)
             return
         upstream: UpstreamRelay = protocol
         ex.upstream = upstream
-        request = ex.request
-        request_headers = header_list(request.headers)
-        host_header = self._single(request_headers, b"host") if ex.request.target.startswith(b"/") else None
-        authority = host_header or _authority(ex.host, ex.port)
-        headers = [(b"host", authority)]
-        headers += [(n, v) for n, v in forwarded_request_headers(request_headers, ex.upgrade) if n != b"host"]
-        upstream.send(h11.Request(method=request.method, target=ex.path.encode("ascii", "replace"),
-                                  headers=headers))
-        self._restart_first_byte(ex)
-        if ex.request_done:
-            self._end_request(ex, upstream)
-        elif self.conn.they_are_waiting_for_100_continue:
-            self._send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+        upstream.send(h11.Request(method=request.method, target=request.path.encode("ascii", "replace"),
+                                  headers=request.headers))
+        if self._request_complete():
+            self._end_request(ex)
+        else:
+            ex.to(Phase.SENDING)
+            if ex.has_body:
+                ex.timer = self.factory.clock.callLater(self.factory.body_timeout, self._body_check, ex)
+            if self.conn.they_are_waiting_for_100_continue:
+                self._send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         self.pump()
 
-    def _end_request(self, ex: _Exchange, upstream: UpstreamRelay) -> None:
-        """The request body is complete: end it in the stream, and FIN unless the stream may switch protocols."""
+    def _body_check(self, ex: _Exchange) -> None:
+        """The end of a body timeout window: the body must have made enough progress (module docstring)."""
+        ex.timer = None
+        if not self._current(ex) or ex.upstream is None or self._request_complete():
+            return
+        timeout = self.factory.body_timeout
+        need = max(1, int(MIN_BODY_RATE * timeout))
+        got, ex.body_bytes = ex.body_bytes, 0
+        if got >= need or _stream_holds_back(ex.upstream):
+            ex.timer = self.factory.clock.callLater(timeout, self._body_check, ex)
+            return
+        self.log.info(
+            "HTTP client {client} {method} {target}: request body too slow ({bytes} bytes in {timeout}s, at least "
+            "{need} required)", client=self._client(), method=ex.method.decode("latin-1"), target=ex.target,
+            bytes=got, timeout=timeout, need=need,
+        )
+        self._fail_and_close(HttpError(
+            408, f"request body too slow: {got} bytes in {timeout:g}s, at least {need} required"))
+
+    def _end_request(self, ex: _Exchange) -> None:
+        """The request is complete: end it in the stream (FIN unless the stream may switch protocols); wait for
+        the answer (first-byte timeout), or finish when the answer is complete already."""
+        upstream, request = ex.upstream, ex.request
+        assert upstream is not None and request is not None
+        ex.stop_timer()
         upstream.send(h11.EndOfMessage())
-        if ex.upgrade is None and upstream.transport is not None:
+        if request.upgrade is None and upstream.transport is not None:
             upstream.transport.loseWriteConnection()  # type: ignore[attr-defined]
-        self._restart_first_byte(ex)
-        self._maybe_finish()
+        if ex.phase in (Phase.ROUTING, Phase.SENDING):
+            ex.to(Phase.WAITING)
+            ex.timer = self.factory.clock.callLater(self.factory.first_byte_timeout, self._first_byte_timed_out, ex)
+        elif ex.phase is Phase.ANSWERED:
+            self._finish(ex)
 
     def _start_tunnel(self, ex: _Exchange, far: Relay) -> None:
-        self._send(h11.Response(status_code=200, headers=[], reason=REASONS[200]))
+        self._send(h11.Response(status_code=200, headers=[], reason=reason_for(200)))
+        location = ex.request.location if ex.request is not None else ""
         self.log.debug(
             "HTTP CONNECT {client} -> {target} (subaccount {tenant}, location {location}) connected",
-            client=self._client(), target=ex.target, tenant=ex.tenant, location=ex.location or "(default)",
+            client=self._client(), target=ex.target, tenant=escape_controls(ex.tenant),
+            location=escape_controls(location) or "(default)",
         )
+        ex.to(Phase.ENDED)
         self.exchange = None
         self._enter_tunnel_mode()
         wire(self, far)
@@ -623,27 +634,13 @@ class HttpProxyProtocol(H11Relay):
 
     # ------------------------------------------------------------------ responses
 
-    def _restart_first_byte(self, ex: _Exchange) -> None:
-        if ex.response_started:
-            return
-        timeout = self.factory.first_byte_timeout
-        if ex.first_byte is not None and ex.first_byte.active():
-            ex.first_byte.reset(timeout)
-        else:
-            ex.first_byte = self.factory.clock.callLater(timeout, self._first_byte_timed_out, ex)
-
-    def _stop_first_byte(self, ex: _Exchange) -> None:
-        if ex.first_byte is not None and ex.first_byte.active():
-            ex.first_byte.cancel()
-        ex.first_byte = None
-
     def _first_byte_timed_out(self, ex: _Exchange) -> None:
-        ex.first_byte = None
-        if not self._current(ex) or ex.response_started:
+        ex.timer = None
+        if not self._current(ex) or ex.phase is not Phase.WAITING:
             return
         self.log.info(
             "HTTP {client} {method} {target}: no answer from the backend within {timeout}s",
-            client=self._client(), method=ex.request.method.decode("latin-1"), target=ex.target,
+            client=self._client(), method=ex.method.decode("latin-1"), target=ex.target,
             timeout=self.factory.first_byte_timeout,
         )
         self._drop_upstream(ex)
@@ -653,19 +650,20 @@ class HttpProxyProtocol(H11Relay):
     def upstream_event(self, upstream: UpstreamRelay, event: h11.Event) -> None:
         """A response event parsed from the stream."""
         ex = self.exchange
-        if ex is None or ex.upstream is not upstream:
+        if ex is None or ex.upstream is not upstream or ex.request is None:
             return
         self.touch()
         if isinstance(event, h11.InformationalResponse):
-            if event.status_code == 101 and ex.upgrade is not None:
+            if event.status_code == 101 and ex.request.upgrade is not None:
                 self._switch(ex, event)
             elif event.status_code != 100:
                 self._send(h11.InformationalResponse(
                     status_code=event.status_code, headers=end_to_end_headers(event.headers), reason=event.reason))
             return
         if isinstance(event, h11.Response):
-            self._stop_first_byte(ex)
-            ex.response_started = True
+            if ex.phase is Phase.WAITING:
+                ex.stop_timer()  # the first-byte timer; a body timer goes on while the body streams
+            ex.to(Phase.ANSWERING)
             headers = forwarded_response_headers(event.headers)
             # Every part comes from the response h11 parsed (and validated) from the stream, only filtered:
             # ``_parsed`` spares validating each header again with h11's regular expressions.
@@ -675,36 +673,39 @@ class HttpProxyProtocol(H11Relay):
             self._send(event)
         elif isinstance(event, h11.EndOfMessage):
             self._send(h11.EndOfMessage())  # trailers are not passed on
-            ex.response_done = True
-            self._maybe_finish()
+            ex.to(Phase.ANSWERED)
+            if self._request_complete():
+                self._finish(ex)
         elif isinstance(event, h11.ConnectionClosed):
             self.upstream_failed(upstream, 502, f"bad gateway: system {ex.target} sent no complete answer")
 
     def _switch(self, ex: _Exchange, event: h11.InformationalResponse) -> None:
-        upstream = ex.upstream
-        assert upstream is not None and ex.upgrade is not None
-        self._stop_first_byte(ex)
+        upstream, request = ex.upstream, ex.request
+        assert upstream is not None and request is not None and request.upgrade is not None
+        ex.stop_timer()
         headers = end_to_end_headers(event.headers) + [(b"connection", b"upgrade"),
-                                                       (b"upgrade", upgrade_of(event.headers) or ex.upgrade)]
+                                                       (b"upgrade", upgrade_of(event.headers) or request.upgrade)]
         self._send(h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason))
         self.log.debug("HTTP {client} upgraded to {protocol} with {target}", client=self._client(),
-                       protocol=ex.upgrade.decode("latin-1"), target=ex.target)
+                       protocol=escape_controls(request.upgrade.decode("latin-1")), target=ex.target)
+        ex.to(Phase.ENDED)
         self.exchange = None
         self._enter_tunnel_mode()
         upstream.switch_to_raw()
         self.switch_to_raw()
 
     def upstream_failed(self, upstream: UpstreamRelay, status: int, message: str) -> None:
-        """The exchange cannot complete: answer ``status`` if nothing was answered yet, else cut the client off."""
+        """The exchange cannot complete (the backend's side failed): answer ``status`` if nothing was answered
+        yet, else cut the client off."""
         ex = self.exchange
         if ex is None or ex.upstream is not upstream:
             return
         self.log.info(
             "HTTP {client} {method} {target} failed: {status} {reason}", client=self._client(),
-            method=ex.request.method.decode("latin-1"), target=ex.target, status=status, reason=message,
+            method=ex.method.decode("latin-1"), target=ex.target, status=status, reason=escape_controls(message),
         )
         self._drop_upstream(ex)
-        if ex.response_started:
+        if ex.answering:
             self._abort_all()
         else:
             self._fail_and_close(HttpError(status, message))
@@ -712,7 +713,7 @@ class HttpProxyProtocol(H11Relay):
     def upstream_lost(self, upstream: UpstreamRelay, reason: Failure) -> None:
         """The stream ended before the exchange did."""
         ex = self.exchange
-        if ex is None or ex.upstream is not upstream or ex.response_done:
+        if ex is None or ex.upstream is not upstream or ex.phase is Phase.ANSWERED:
             return
         if reason.check(StreamResetError):
             error: Any = reason.value
@@ -722,7 +723,8 @@ class HttpProxyProtocol(H11Relay):
             self.upstream_failed(upstream, 502, f"bad gateway: system {ex.target} sent no complete answer")
 
     def _drop_upstream(self, ex: _Exchange) -> None:
-        self._stop_first_byte(ex)
+        """Detach the exchange's stream and reset it (never a FIN: whatever it carried is incomplete)."""
+        ex.stop_timer()
         upstream, ex.upstream = ex.upstream, None
         if upstream is None:
             return
@@ -731,13 +733,11 @@ class HttpProxyProtocol(H11Relay):
         if upstream.transport is not None and not upstream._lost:
             upstream.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def _maybe_finish(self) -> None:
+    def _finish(self, ex: _Exchange) -> None:
         """Both directions of the exchange are complete: release the stream and take the next request."""
-        ex = self.exchange
-        if ex is None or not (ex.request_done and ex.response_done):
-            return
         upstream = ex.upstream
-        self._stop_first_byte(ex)
+        ex.stop_timer()
+        ex.to(Phase.ENDED)
         self.exchange = None
         if upstream is not None:
             upstream.detached = True
@@ -775,17 +775,14 @@ class HttpProxyProtocol(H11Relay):
             self.log.failure("HTTP proxy could not send {event}", event=type(event).__name__)
             self._abort_all()
 
-    def _reject(self, error: HttpError) -> None:
+    def _reject(self, ex: _Exchange, error: HttpError) -> None:
         """Answer ``error`` for the current request: after its (empty) body, or at once and close."""
-        ex = self.exchange
-        if ex is None:
-            self._fail_and_close(error)
+        ex.rejection = error
+        ex.to(Phase.REJECTED)
+        if self._request_complete():
+            self._answer(ex)
             return
-        ex.rejected = error
-        if ex.request_done:
-            self._answer(error)
-            return
-        if ex.body:
+        if ex.has_body:
             self._fail_and_close(error)
             return
         assert self.transport is not None
@@ -793,18 +790,20 @@ class HttpProxyProtocol(H11Relay):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
         self.pump()
 
-    def _answer(self, error: HttpError) -> None:
+    def _answer(self, ex: _Exchange) -> None:
         """Send the answer of a rejected request whose body was read; keep the connection.
 
         While our own answers pile up unread (a client pipelining requests it never reads the answers of), we
         stop reading: a push producer on the client transport pauses and resumes reading with its buffer.
         """
-        ex = self.exchange
+        error = ex.rejection
+        assert error is not None
+        ex.to(Phase.ENDED)
         self.exchange = None
-        head = ex is not None and ex.request.method == b"HEAD"
-        for event in error_response_events(error.status, error.message, error.headers, head=head):
+        for event in error_response_events(error.status, error.message, error.headers, head=ex.method == b"HEAD",
+                                           reason=reason_for(error.status)):
             self._send(event)
-        if ex is not None and ex.must_close:
+        if ex.must_close:
             self._close()
             return
         self._own_answers.watch()
@@ -816,18 +815,16 @@ class HttpProxyProtocol(H11Relay):
             return
         ex = self.exchange
         if ex is not None:
-            if ex.pending is not None:
-                pending, ex.pending = ex.pending, None
-                pending.cancel()
-            if ex.upstream is not None:
-                self._drop_upstream(ex)
+            ex.cancel_pending()
+            self._drop_upstream(ex)
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             # An answer is under way (or the state is broken): the client can only learn of it by the cut.
             self._abort_all()
             return
-        head = ex is not None and ex.request.method == b"HEAD"
+        head = ex is not None and ex.method == b"HEAD"
         try:
-            for event in error_response_events(error.status, error.message, error.headers, close=True, head=head):
+            for event in error_response_events(error.status, error.message, error.headers, close=True, head=head,
+                                               reason=reason_for(error.status)):
                 send_event(self.conn, self.transport, event)
         except h11.LocalProtocolError:
             self.log.failure("HTTP proxy could not answer {status}", status=error.status)
@@ -846,25 +843,23 @@ class HttpProxyProtocol(H11Relay):
     def _abort_all(self) -> None:
         ex = self.exchange
         if ex is not None:
-            if ex.pending is not None:
-                pending, ex.pending = ex.pending, None
-                pending.cancel()
+            ex.cancel_pending()
             self._drop_upstream(ex)
         self._closing = True
         if self.transport is not None and not self._lost:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
-        """Cancel what is pending (an open in flight resets its stream), stop the timers, close the peer."""
+        """Cancel what is pending (an open in flight resets its stream), stop the timers, close the peer and free
+        the connection's place in the front end's limits."""
+        self.factory.release(self)
         self._cancel_head_timer()
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
         ex, self.exchange = self.exchange, None
         if ex is not None:
-            if ex.pending is not None:
-                pending, ex.pending = ex.pending, None
-                pending.cancel()
+            ex.cancel_pending()
             self._drop_upstream(ex)
         if self.tunnel_mode:
             super().connectionLost(reason)
@@ -890,19 +885,34 @@ def _close_if_open(upstream: UpstreamRelay) -> None:
         upstream.transport.loseConnection()
 
 
-def _authority(host: str, port: int) -> bytes:
-    shown = f"[{host}]" if ":" in host else host
-    return (shown if port == 80 else f"{shown}:{port}").encode("idna" if not host.isascii() else "ascii")
+class _Busy(Protocol):
+    """A connection over the front end's limits: a short 503 with ``Connection: close``, then closed."""
+
+    BODY = b"service unavailable: too many connections to the HTTP proxy, try again later\n"
+
+    def connectionMade(self) -> None:
+        """Answer and close (whatever the client sent is not read)."""
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 503 %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (reason_for(503), len(self.BODY), self.BODY)
+        )
+        self.transport.loseConnection()
 
 
 class HttpProxyFactory(FrontEndFactory):
-    """Builds :class:`HttpProxyProtocol` for the HTTP proxy listener.
+    """Builds :class:`HttpProxyProtocol` for the HTTP proxy listener (connection limits: see
+    :class:`~connproxy.proxy.frontend.FrontEndFactory`; over them a connection gets :class:`_Busy`'s 503).
 
-    :param header_timeout: seconds from the first byte of a request head until it must be complete (408).
+    :param header_timeout: seconds a request head has to complete from its first byte, the first request of a
+        connection from the accept (408; a connection that sent nothing is closed without an answer).
+    :param body_timeout: the request body timeout window in seconds (408; see the module docstring).
     :param first_byte_timeout: seconds a request may wait for the first byte of its answer, counted from its
         last request byte sent (504).
     :param idle_timeout: seconds a client connection may stay without traffic before it is closed.
     """
+
+    front_end = "http"
 
     def __init__(
         self,
@@ -915,18 +925,31 @@ class HttpProxyFactory(FrontEndFactory):
         max_line_bytes: int = 8192,
         max_header_bytes: int = 65536,
         header_timeout: float = 30.0,
+        body_timeout: float = 60.0,
         first_byte_timeout: float = 120.0,
         idle_timeout: float = 3600.0,
+        max_connections: int = 10_000,
+        max_connections_per_client: int = 1_000,
+        metrics: Any = None,
         audit_writer: audit.AuditWriter | None = None,
     ) -> None:
         super().__init__(router, authorizer, clock, authorization_enabled=authorization_enabled,
-                         idle_timeout=idle_timeout, audit_writer=audit_writer)
+                         idle_timeout=idle_timeout, max_connections=max_connections,
+                         max_connections_per_client=max_connections_per_client, metrics=metrics,
+                         audit_writer=audit_writer)
+        self.rules = RequestRules(max_line_bytes=max_line_bytes, max_header_bytes=max_header_bytes,
+                                  allow_connect=allow_connect)
         self.allow_connect = allow_connect
         self.max_line_bytes = max_line_bytes
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self.first_byte_timeout = first_byte_timeout
 
-    def buildProtocol(self, addr: IAddress | None) -> HttpProxyProtocol:
-        """A new client connection."""
+    def build(self, addr: IAddress | None) -> HttpProxyProtocol:
+        """A new client connection within the limits."""
         return HttpProxyProtocol(self)
+
+    def refusal(self, addr: IAddress | None) -> Protocol | None:
+        """Over the limits: a 503 and close."""
+        return _Busy()

@@ -77,6 +77,10 @@ class ProxyMetrics:
             "connproxy_stream_opens", "Streams opened through tunnels, by front end and result",
             ["front_end", "result"], registry=self.prometheus,
         )
+        self.client_connections_refused = Counter(
+            "connproxy_client_connections_refused", "Application connections refused at accept (connection limits)",
+            ["front_end", "limit"], registry=self.prometheus,
+        )
         self.opening_timeouts = Counter(
             "connectivity_tunnel_opening_timeout_count", "Stream opens that timed out, by tunnel",
             ["tunnel_id"], registry=self.prometheus,

@@ -1,15 +1,40 @@
 # -*- test-case-name: tests.unit.test_http_proxy,tests.unit.test_socks -*-
-"""How the front ends answer a failed tunnel stream: the single place where tunnel error codes become SOCKS5
-reply codes, HTTP statuses and the plain-text bodies of those statuses (``docs/tunnel-protocol.md`` section 4).
+"""How the front ends answer: the single place where tunnel error codes become SOCKS5 reply codes, HTTP statuses
+and the plain-text bodies of those statuses (``docs/tunnel-protocol.md`` section 4), and the table of the HTTP
+statuses the proxy answers itself (:data:`REASONS`). Client-controlled text (a location id, a tenant taken from
+a token, a host name) reaches a body only through :func:`connproxy.http.headers.escape_controls`.
 """
 
 from __future__ import annotations
 
 from twisted.python.failure import Failure
 
+from connproxy.http.headers import escape_controls
 from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, TunnelLostError
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.socks5 import Reply
+
+#: Every status the HTTP front end answers itself, with its reason phrase.
+REASONS: dict[int, bytes] = {
+    200: b"Connection established",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    405: b"Method Not Allowed",
+    407: b"Proxy Authentication Required",
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def reason_for(status: int) -> bytes:
+    """The reason phrase of an answer of the proxy itself (empty for a status not in :data:`REASONS`)."""
+    return REASONS.get(status, b"")
+
 
 _SOCKS_BY_CODE = {
     ErrorCode.REFUSED_STREAM: Reply.NETWORK_UNREACHABLE,
@@ -65,7 +90,12 @@ _CODE_TEXT = {
 
 
 def open_failure_text(failure: Failure, target: str) -> str:
-    """The plain-text body for a failed tunnel stream (no internal host names, no tokens)."""
+    """The plain-text body for a failed tunnel stream (no internal host names, no tokens; control characters
+    of client-controlled parts escaped)."""
+    return escape_controls(_open_failure_text(failure, target))
+
+
+def _open_failure_text(failure: Failure, target: str) -> str:
     error = failure.value
     if isinstance(error, StreamRefusedError):
         if error.code == ErrorCode.ACCESS_DENIED:

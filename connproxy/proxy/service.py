@@ -68,7 +68,8 @@ class ProxyService(MultiService):
         listener = config.tunnel_listener
         self.tunnel_listener = Listener(
             "tunnel listener",
-            SSL4ServerEndpoint(reactor, listener.port, options, interface=listener.bind_address),
+            SSL4ServerEndpoint(reactor, listener.port, options, backlog=config.client_connection.listen_backlog,
+                               interface=listener.bind_address),
             self.tunnel_factory,
         )
         self.tunnel_listener.setServiceParent(self)
@@ -93,10 +94,16 @@ class ProxyService(MultiService):
                 authorization_enabled=fe.enable_proxy_authorization,
                 handshake_timeout=float(config.client_connection.handshake_timeout_seconds),
                 idle_timeout=float(config.client_connection.idle_timeout_seconds),
+                max_connections=config.client_connection.max_connections,
+                max_connections_per_client=config.client_connection.max_connections_per_client,
+                metrics=self.metrics,
                 audit_writer=audit_writer,
             )
             self.socks_listener = Listener(
-                "SOCKS5 proxy", TCP4ServerEndpoint(reactor, fe.port, interface=config.interface_for(fe)), factory
+                "SOCKS5 proxy",
+                TCP4ServerEndpoint(reactor, fe.port, backlog=config.client_connection.listen_backlog,
+                                   interface=config.interface_for(fe)),
+                factory,
             )
             self.socks_listener.setServiceParent(self)
         if config.http.enabled:
@@ -110,10 +117,16 @@ class ProxyService(MultiService):
                 header_timeout=float(config.client_connection.handshake_timeout_seconds),
                 idle_timeout=float(config.client_connection.idle_timeout_seconds),
                 first_byte_timeout=float(config.client_connection.first_byte_timeout_seconds),
+                body_timeout=float(config.client_connection.body_timeout_seconds),
+                max_connections=config.client_connection.max_connections,
+                max_connections_per_client=config.client_connection.max_connections_per_client,
+                metrics=self.metrics,
                 audit_writer=audit_writer,
             )
             self.http_listener = Listener(
-                "HTTP proxy", TCP4ServerEndpoint(reactor, http.port, interface=config.interface_for(http)),
+                "HTTP proxy",
+                TCP4ServerEndpoint(reactor, http.port, backlog=config.client_connection.listen_backlog,
+                                   interface=config.interface_for(http)),
                 http_factory,
             )
             self.http_listener.setServiceParent(self)

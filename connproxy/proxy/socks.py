@@ -19,8 +19,9 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from connproxy.http.headers import escape_controls
 from connproxy.obs import audit
-from connproxy.proxy.frontend import Authorizing, FrontEndFactory
+from connproxy.proxy.frontend import Authorizing, FrontEndFactory, set_no_delay
 from connproxy.proxy.replies import socks_reply_for
 from connproxy.proxy.routing import Router
 from connproxy.relay import Relay, RelayFactory, describe_transport
@@ -52,10 +53,12 @@ class Socks5Protocol(Relay):
         self._timer: IDelayedCall | None = None
         self._target = ""
         self._tenant = ""
+        self._shown_location = ""
         self._idle_mark = -1
 
     def connectionMade(self) -> None:
-        """Start the negotiation timeout."""
+        """Set TCP_NODELAY and start the negotiation timeout (counted from the accept)."""
+        set_no_delay(self.transport)
         self._timer = self.factory.clock.callLater(self.factory.handshake_timeout, self._timed_out)
 
     def _traffic(self) -> int:
@@ -101,6 +104,16 @@ class Socks5Protocol(Relay):
             return
         self._feed(data)
 
+    def readConnectionLost(self) -> None:
+        """FIN from the client: during the negotiation it gave up (close now, freeing its place at once); once
+        its CONNECT is in, the FIN is relayed (held until the stream is open)."""
+        if not self.wired and self.parser.state not in (Socks5State.WAIT_CONNECT_DECISION, Socks5State.ESTABLISHED):
+            self._cancel_timer()
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        super().readConnectionLost()
+
     def _feed(self, data: bytes) -> None:
         assert self.transport is not None
         try:
@@ -122,6 +135,7 @@ class Socks5Protocol(Relay):
             if isinstance(event, SapAuthRequest):
                 self._token = event.token or None
                 self._location = event.location_id
+                self._shown_location = escape_controls(event.location_id)
                 self.transport.write(self.parser.auth_reply(True))
                 self._feed(b"")
                 return
@@ -132,7 +146,8 @@ class Socks5Protocol(Relay):
     def _refuse(self, reply: bytes, reason: str) -> None:
         assert self.transport is not None
         self.log.info(
-            "SOCKS5 client {client} refused: {reason}", client=describe_transport(self.transport), reason=reason
+            "SOCKS5 client {client} refused: {reason}", client=describe_transport(self.transport),
+            reason=escape_controls(reason),
         )
         if reply:
             self.transport.write(reply)
@@ -142,7 +157,7 @@ class Socks5Protocol(Relay):
         assert self.transport is not None
         self.transport.pauseProducing()  # type: ignore[attr-defined]
         self.hold(self.parser.take_trailing_data())
-        self._target = f"{request.host}:{request.port}"
+        self._target = escape_controls(f"{request.host}:{request.port}")
         d = self.factory.authorizer.authorize(proxy_token=self._token, service_token=self._token)
         self._connect = d
         d.addCallbacks(self._authorized, self._auth_failed, callbackArgs=(request,))
@@ -175,7 +190,7 @@ class Socks5Protocol(Relay):
             kind="tcp",
             meta={"client": describe_transport(self.transport), "client_id": caller.client_id, "via": "socks5"},
         )
-        self._tenant = caller.tenant
+        self._tenant = escape_controls(caller.tenant)
         d = endpoint.connect(RelayFactory(self))
         self._connect = d
         d.addCallback(self._connected)
@@ -192,7 +207,7 @@ class Socks5Protocol(Relay):
         self.log.debug(
             "SOCKS5 {client} -> {target} (subaccount {tenant}, location {location}) connected",
             client=describe_transport(self.transport), target=self._target, tenant=self._tenant,
-            location=self._location or "(default)",
+            location=self._shown_location or "(default)",
         )
 
     def _open_failed(self, failure: Failure, request: ConnectRequest) -> None:
@@ -206,8 +221,9 @@ class Socks5Protocol(Relay):
         reply = socks_reply_for(failure)
         self.log.info(
             "SOCKS5 {client} -> {target} (location {location}) failed: {error} (reply {reply})",
-            client=describe_transport(self.transport), target=self._target, location=self._location or "(default)",
-            error=str(failure.value), reply=f"{int(reply):#04x}",
+            client=describe_transport(self.transport), target=self._target,
+            location=self._shown_location or "(default)",
+            error=escape_controls(str(failure.value)), reply=f"{int(reply):#04x}",
         )
         self._reply_and_close(reply)
 
@@ -223,7 +239,9 @@ class Socks5Protocol(Relay):
         self._timer = None
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        """Cancel a pending open (its stream is reset) and the timeout; close the relay peer."""
+        """Cancel a pending open (its stream is reset) and the timeout; close the relay peer; free the connection's
+        place in the front end's limits."""
+        self.factory.release(self)
         self._cancel_timer()
         pending, self._connect = self._connect, None
         if pending is not None:
@@ -234,9 +252,14 @@ class Socks5Protocol(Relay):
 class Socks5Factory(FrontEndFactory):
     """Builds :class:`Socks5Protocol` for the SOCKS5 listener.
 
+    Connections over the limits of :class:`~connproxy.proxy.frontend.FrontEndFactory` are closed at accept
+    without a byte.
+
     :param handshake_timeout: seconds a client has from connecting until its CONNECT is answered.
     :param max_token_bytes: the largest method-0x80 token accepted.
     """
+
+    front_end = "socks5"
 
     def __init__(
         self,
@@ -248,13 +271,18 @@ class Socks5Factory(FrontEndFactory):
         handshake_timeout: float = 30.0,
         idle_timeout: float = 3600.0,
         max_token_bytes: int = 65536,
+        max_connections: int = 10_000,
+        max_connections_per_client: int = 1_000,
+        metrics: Any = None,
         audit_writer: audit.AuditWriter | None = None,
     ) -> None:
         super().__init__(router, authorizer, clock, authorization_enabled=authorization_enabled,
-                         idle_timeout=idle_timeout, audit_writer=audit_writer)
+                         idle_timeout=idle_timeout, max_connections=max_connections,
+                         max_connections_per_client=max_connections_per_client, metrics=metrics,
+                         audit_writer=audit_writer)
         self.handshake_timeout = handshake_timeout
         self.max_token_bytes = max_token_bytes
 
-    def buildProtocol(self, addr: IAddress | None) -> Socks5Protocol:
-        """A new client connection."""
+    def build(self, addr: IAddress | None) -> Socks5Protocol:
+        """A new client connection within the limits."""
         return Socks5Protocol(self)

@@ -8,6 +8,7 @@ import h11
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -38,10 +39,11 @@ class FakeEndpoint:
         self.factory = factory
         return self.d
 
-    def accept(self) -> tuple[Any, HalfCloseTransport]:
-        """The connector accepted: build the stream side, connect it, fire."""
+    def accept(self, transport: HalfCloseTransport | None = None) -> tuple[Any, HalfCloseTransport]:
+        """The connector accepted: build the stream side, connect it (``transport``: the stream), fire."""
         protocol = self.factory.buildProtocol(None)
-        transport = HalfCloseTransport()
+        transport = transport or HalfCloseTransport()
+        transport.protocol = protocol
         protocol.makeConnection(transport)
         self.d.callback(protocol)
         return protocol, transport
@@ -83,7 +85,7 @@ class Client:
         router: Any = self.router
         self.factory = HttpProxyFactory(router, self.authorizer, self.clock, audit_writer=self.audit.append,
                                         **factory_kwargs)
-        self.protocol: HttpProxyProtocol = self.factory.buildProtocol(None)
+        self.protocol: HttpProxyProtocol = self.factory.build(None)
         self.transport = HalfCloseTransport()
         self.protocol.makeConnection(self.transport)
 
@@ -644,3 +646,199 @@ def test_own_answers_pile_up_unread_then_reading_stops() -> None:
     assert c.transport.producerState == "paused"  # the next cycle does not resume reading while paused
     c.protocol._own_answers.resumeProducing()
     assert c.transport.producerState == "producing"
+
+
+# ------------------------------------------------------------------------------------------------ timeouts
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_handshake_timeout() -> None:
+    c = Client(header_timeout=5.0)
+    c.clock.advance(4.9)
+    assert not c.transport.disconnecting
+    c.clock.advance(0.2)
+    assert c.transport.disconnecting and c.take() == b""  # nothing was asked: nothing is answered
+
+
+def test_the_first_request_head_is_timed_from_the_accept() -> None:
+    c = Client(header_timeout=5.0)
+    c.clock.advance(4.0)
+    c.send(b"GET http://erp.internal/ HTTP/1.1\r\n")
+    c.clock.advance(1.1)  # 5.1 s after the accept, 1.1 s after the first byte
+    status, headers, body = one(c.take())
+    assert status == 408 and b"5s" in body and headers[b"connection"] == b"close"
+
+
+def test_a_kept_alive_connection_times_the_next_head_from_its_first_byte() -> None:
+    c = Client(header_timeout=5.0)
+    c.send(GET + b"\r\n")
+    upstream, stream = c.router.endpoints[0].accept()
+    answer(stream, upstream)
+    assert one(c.take())[0] == 200
+    c.clock.advance(60)  # idle between requests: the idle timeout's business, not the head timer's
+    assert not c.transport.disconnecting
+    c.send(b"GET http://erp.internal/ HTTP/1.1\r\n")
+    c.clock.advance(5.1)
+    assert one(c.take())[0] == 408
+
+
+def _post(c: Client, length: int = 100_000) -> tuple[Any, HalfCloseTransport]:
+    c.send(b"POST http://erp.internal/up HTTP/1.1\r\nHost: erp.internal\r\nContent-Length: %d\r\n\r\n" % length)
+    return c.router.endpoints[0].accept()
+
+
+def test_a_request_body_trickling_in_is_408_and_its_stream_reset() -> None:
+    from connproxy.proxy.http_frontend import MIN_BODY_RATE
+
+    c = Client(body_timeout=10.0)
+    upstream, stream = _post(c)
+    for _ in range(9):  # one byte a second: progress, but far below MIN_BODY_RATE
+        c.send(b"x")
+        c.clock.advance(1.0)
+    assert not c.transport.disconnecting
+    c.clock.advance(1.1)
+    status, headers, body = one(c.take())
+    assert status == 408 and b"request body too slow: 9 bytes in 10s" in body
+    assert str(MIN_BODY_RATE * 10).encode() in body
+    assert stream.aborted and headers[b"connection"] == b"close" and c.transport.disconnecting
+
+
+def test_a_request_body_without_progress_is_408() -> None:
+    c = Client(body_timeout=10.0)
+    upstream, stream = _post(c)
+    c.send(b"x" * 5000)
+    c.clock.advance(10.1)  # the first window carried enough
+    assert not c.transport.disconnecting
+    c.clock.advance(10.0)  # the second one nothing at all
+    assert one(c.take())[0] == 408 and stream.aborted
+
+
+def test_a_request_body_at_a_fair_rate_is_never_cut() -> None:
+    c = Client(body_timeout=10.0, first_byte_timeout=1000.0)
+    upstream, stream = _post(c, 50_000)
+    for _ in range(50):  # 1000 bytes per second for 50 s: exactly the minimum rate
+        c.send(b"y" * 1000)
+        c.clock.advance(1.0)
+    assert not c.transport.disconnecting and not stream.aborted
+    events = requests_in(stream.value())
+    assert sum(len(e.data) for e in events if isinstance(e, h11.Data)) == 50_000
+    answer(stream, upstream)
+    assert one(c.take())[0] == 200
+
+
+def test_a_request_body_held_back_by_the_stream_is_not_the_clients_fault() -> None:
+    c = Client(body_timeout=10.0)
+    upstream, stream = _post(c)
+    stream._producer_paused = True  # type: ignore[attr-defined] # what TunnelStream sets while out of credit
+    c.clock.advance(35)
+    assert not c.transport.disconnecting and not stream.aborted
+    stream._producer_paused = False  # type: ignore[attr-defined]
+    c.clock.advance(10)
+    assert one(c.take())[0] == 408
+
+
+def test_a_slow_body_after_the_answer_started_cuts_both_off() -> None:
+    c = Client(body_timeout=10.0)
+    upstream, stream = _post(c)
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")  # an early answer
+    c.clock.advance(10.1)
+    assert stream.aborted and c.transport.aborted
+    assert b" 408 " not in c.take()
+
+
+def test_the_first_byte_timeout_starts_when_the_request_is_complete() -> None:
+    c = Client(first_byte_timeout=5.0, body_timeout=100.0)
+    upstream, stream = _post(c, 10)
+    c.send(b"12345")
+    c.clock.advance(30)  # the body is slow but within its timeout: no 504 while it streams
+    assert c.take() == b""
+    c.send(b"67890")
+    c.clock.advance(4.9)
+    assert c.take() == b""
+    c.clock.advance(0.2)
+    assert one(c.take())[0] == 504
+
+
+# ------------------------------------------------------------------------------------------------ client faults
+
+
+class ResettingStream(HalfCloseTransport):
+    """A tunnel stream that, like :class:`~connproxy.tunnel.stream.TunnelStream`, ends its protocol at once when
+    aborted."""
+
+    def abortConnection(self) -> None:
+        super().abortConnection()
+        protocol: Any = getattr(self, "protocol", None)
+        if protocol is not None:
+            self.protocol = None
+            protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def test_a_malformed_chunked_body_is_the_clients_fault_400_and_the_stream_is_reset() -> None:
+    from twisted.internet.testing import EventLoggingObserver
+    from twisted.logger import globalLogPublisher
+
+    events = EventLoggingObserver()
+    globalLogPublisher.addObserver(events)
+    try:
+        c = Client()
+        c.send(b"POST http://erp.internal/up HTTP/1.1\r\nHost: erp.internal\r\nTransfer-Encoding: chunked\r\n\r\n")
+        upstream, stream = c.router.endpoints[0].accept(ResettingStream())
+        c.send(b"5\r\nhello\r\nnot-a-chunk-size\r\n")
+    finally:
+        globalLogPublisher.removeObserver(events)
+    status, headers, body = one(c.take())
+    assert (status, headers[b"connection"]) == (400, b"close") and b"malformed request body" in body
+    assert stream.aborted and not stream.write_closed  # RESET, never a FIN that would complete the request
+    formats = [e.get("log_format", "") for e in events]
+    assert any("sent a malformed request" in f for f in formats)
+    assert not any("failed: {status}" in f for f in formats)  # not logged as a backend failure
+
+
+def test_client_text_in_an_answer_has_its_control_characters_escaped() -> None:
+    c = Client()
+    c.send(GET + b"\r\n")
+    c.router.endpoints[0].d.errback(NoConnectorError("tenant\r\nX-Injected: 1", "loc\x1b[2J\x85"))
+    status, headers, body = one(c.take())
+    assert status == 503 and b"x-injected" not in headers
+    assert body == b"no connector for subaccount tenant\\x0d\\x0aX-Injected: 1, location loc\\x1b[2J\\x85\n"
+
+
+def test_tcp_nodelay_is_set_on_the_accepted_socket() -> None:
+    class NoDelayTransport(HalfCloseTransport):
+        no_delay = False
+
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            self.no_delay = enabled
+
+    factory = Client().factory
+    protocol = factory.build(None)
+    transport = NoDelayTransport()
+    protocol.makeConnection(transport)
+    assert transport.no_delay
+
+
+# ------------------------------------------------------------------------------------------------ limits
+
+
+def test_connections_over_the_limits_get_503_and_are_closed_at_once() -> None:
+    c = Client(max_connections=3, max_connections_per_client=2)
+    factory = c.factory
+    a = IPv4Address("TCP", "10.0.0.1", 1)
+    b = IPv4Address("TCP", "10.0.0.2", 1)
+    first, second = factory.buildProtocol(a), factory.buildProtocol(a)
+    assert isinstance(first, HttpProxyProtocol) and isinstance(second, HttpProxyProtocol)
+    busy = factory.buildProtocol(a)  # a third from the same client
+    assert busy is not None and not isinstance(busy, HttpProxyProtocol)
+    transport = HalfCloseTransport()
+    busy.makeConnection(transport)
+    status, headers, body = one(transport.value())
+    assert (status, headers[b"connection"]) == (503, b"close") and b"too many connections" in body
+    assert transport.disconnecting
+    third = factory.buildProtocol(b)
+    assert isinstance(third, HttpProxyProtocol)
+    assert not isinstance(factory.buildProtocol(IPv4Address("TCP", "10.0.0.3", 1)), HttpProxyProtocol)  # total
+    first.makeConnection(HalfCloseTransport())
+    first.connectionLost(Failure(ConnectionDone()))
+    first.connectionLost(Failure(ConnectionDone()))  # counted once
+    assert (factory.connections, factory.by_client) == (2, {"10.0.0.1": 1, "10.0.0.2": 1})
+    assert isinstance(factory.buildProtocol(a), HttpProxyProtocol)

@@ -355,3 +355,77 @@ class IdleTests(SocksTestCase):
         self.clock.advance(100)  # a whole period without a byte either way
         self.assertTrue(transport.disconnecting)
         self.assertTrue(self.events_with("idle for"))
+
+
+class FrontEndLimitTests(SocksTestCase):
+    def factory(self, **kwargs: Any) -> Socks5Factory:
+        return Socks5Factory(self.router, self.authorizer, self.clock, authorization_enabled=True,
+                             audit_writer=self.audit.append, **kwargs)
+
+    def test_over_the_per_client_limit_the_socket_is_closed_at_accept_and_logged_once_per_burst(self) -> None:
+        from connproxy.proxy.metrics import ProxyMetrics
+
+        metrics = ProxyMetrics(ConnectorRegistry())
+        factory = self.factory(max_connections_per_client=2, metrics=metrics)
+        kept = [factory.buildProtocol(CLIENT_ADDR) for _ in range(2)]
+        self.assertTrue(all(isinstance(p, Socks5Protocol) for p in kept))
+        for _ in range(5):
+            self.assertIsNone(factory.buildProtocol(CLIENT_ADDR))  # Twisted closes the socket: not a byte
+        self.assertIsInstance(factory.buildProtocol(IPv4Address("TCP", "10.9.9.10", 1)), Socks5Protocol)
+        self.assertEqual(len(self.events_with("at its connection limit")), 1)
+        self.clock.advance(11)
+        self.assertIsNone(factory.buildProtocol(CLIENT_ADDR))
+        (first, second) = self.events_with("at its connection limit")
+        self.assertEqual((first["count"], second["count"]), (1, 5))  # the burst's count in the next line
+        self.assertEqual(second["limit"], "max_connections_per_client")
+        self.assertIn(b'connproxy_client_connections_refused_total{front_end="socks5",limit='
+                      b'"max_connections_per_client"} 6.0', metrics.render())
+        # a connection that ends frees its place
+        protocol = kept[0]
+        assert protocol is not None
+        protocol.makeConnection(StringTransport(peerAddress=CLIENT_ADDR))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(factory.buildProtocol(CLIENT_ADDR), Socks5Protocol)
+
+    def test_over_the_total_limit_every_client_is_refused(self) -> None:
+        factory = self.factory(max_connections=1)
+        self.assertIsInstance(factory.buildProtocol(CLIENT_ADDR), Socks5Protocol)
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "10.9.9.10", 1)))
+        self.assertEqual(self.events_with("at its connection limit")[0]["limit"], "max_connections")
+
+    def test_tcp_nodelay_is_set_on_the_accepted_socket(self) -> None:
+        class NoDelay(StringTransport):
+            no_delay = False
+
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                self.no_delay = enabled
+
+        protocol = self.factory().buildProtocol(CLIENT_ADDR)
+        assert protocol is not None
+        transport = NoDelay(peerAddress=CLIENT_ADDR)
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.no_delay)
+
+    def test_client_text_in_logs_has_its_control_characters_escaped(self) -> None:
+        protocol, transport = self.client()
+        protocol.dataReceived(greeting(0x80) + sap_auth(b"tok", "loc\r\nFAKE LINE") + connect_request("erp.internal", 1))
+        self.router.endpoints[0].deferred.errback(NoConnectorError("tenant-a", "loc\r\nFAKE LINE"))
+        (event,) = self.events_with("failed: {error}")
+        self.assertEqual(event["location"], "loc\\x0d\\x0aFAKE LINE")
+        self.assertNotIn("\n", event["error"])
+        self.assertEqual(self.router.endpoints[0].kwargs["location"], "loc\r\nFAKE LINE")  # routed as sent
+
+    def test_a_fin_during_the_negotiation_closes_at_once(self) -> None:
+        protocol, transport = self.client()
+        protocol.dataReceived(greeting(0x80))
+        protocol.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # the handshake timer is gone too
+
+    def test_a_fin_after_the_connect_request_is_relayed_once_open(self) -> None:
+        protocol, transport = self.negotiated()
+        protocol.dataReceived(b"last words")
+        protocol.readConnectionLost()
+        self.assertFalse(transport.disconnecting)
+        far, far_t = self.router.endpoints[0].succeed()
+        self.assertEqual((far_t.value(), far_t.write_closed), (b"last words", 1))
