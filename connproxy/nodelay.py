@@ -47,4 +47,4 @@ class NoDelaySite(Site):
     Twisted 24.10 and later set it in ``HTTPChannel`` too; ``setup.cfg`` admits older releases.
     """
 
-    protocol = NoDelayChannel
+    protocol = NoDelayChannel  # type: ignore[assignment]  # Twisted types it as the HTTP/2-negotiating wrapper
