@@ -17,3 +17,4 @@ fi
 .venv/bin/mypy
 .venv/bin/pytest -p no:twisted -q tests/unit "$@"
 .venv/bin/pytest -q tests/integration "$@"
+.venv/bin/python bench/run.py --smoke  # the benchmark in seconds (tiny sizes, no timing claims), so it cannot rot
