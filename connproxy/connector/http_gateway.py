@@ -55,6 +55,7 @@ from connproxy.http.headers import (
     header_values,
     upgrade_of,
 )
+from connproxy.nodelay import set_no_delay
 from connproxy.obs import audit
 from connproxy.relay import link, unwire, wire
 from connproxy.wire.errors import ErrorCode
@@ -118,7 +119,8 @@ class HttpBackend(H11Relay):
         self.idle_timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        """Plain TCP is ready now; TLS waits for the handshake."""
+        """TCP_NODELAY on the backend socket; plain TCP is ready now, TLS waits for the handshake."""
+        set_no_delay(self.transport)
         if not self.tls:
             self.ready.callback(self)
 

@@ -25,6 +25,7 @@ from connproxy.config import AccessRule, ConnectorConfig
 from connproxy.connector.access import audit_decision, decide
 from connproxy.connector.backend import OneShotFactory, backend_failed, track_backend_connect
 from connproxy.connector.http_gateway import HttpGateway
+from connproxy.nodelay import set_no_delay
 from connproxy.obs import audit
 from connproxy.relay import Relay, link
 from connproxy.tunnel.stream import TunnelStream
@@ -41,7 +42,8 @@ class BackendRelay(Relay):
         self._handshaken = False
 
     def connectionMade(self) -> None:
-        """Plain TCP is ready now; TLS waits for the handshake."""
+        """TCP_NODELAY on the backend socket; plain TCP is ready now, TLS waits for the handshake."""
+        set_no_delay(self.transport)
         if not self.tls:
             self.ready.callback(self)
 
