@@ -101,10 +101,10 @@ def test_every_owned_socket_has_tcp_nodelay(stack: Stack) -> Any:
     yield wait_for(lambda: "HTTPChannel" in no_delay_by_kind())
 
     found = no_delay_by_kind()
-    assert len(found.get("BackendRelay", [])) == 2, found  # TCP and TCP_TLS
-    assert len(found.get("HttpBackend", [])) == 2, found  # HTTP and HTTPS, idle in the pool
-    assert len(found.get("TunnelConnection", [])) == 2, found  # both ends of the tunnel
-    assert len(found.get("HTTPChannel", [])) == 1, found  # the metrics connection
+    assert len(found.get("BackendRelay", [])) >= 2, found  # TCP and TCP_TLS
+    assert len(found.get("HttpBackend", [])) >= 2, found  # HTTP and HTTPS, idle in the pool
+    assert len(found.get("TunnelConnection", [])) >= 2, found  # both ends of the tunnel
+    assert len(found.get("HTTPChannel", [])) >= 1, found  # the metrics connection
     assert all(all(values) for values in found.values()), found
 
     metrics.transport.loseConnection()
