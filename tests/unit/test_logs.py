@@ -257,3 +257,15 @@ def test_drop_notice_in_the_configured_format() -> None:
     console_observer, _lines, _log = capture("console")
     assert console_observer.drop_notice(3).endswith(
         "[connproxy.obs.logs#warn] 3 log lines dropped: standard output was not read fast enough")
+
+
+def test_a_log_file_named_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    path = tmp_path / "proxy.log"
+    monkeypatch.setattr(logs, "_process_file", None)
+    monkeypatch.setattr(logs, "_log_file", str(path))
+    observer = observer_for(LoggingConfig(format="json"))
+    Logger(namespace="x", observer=observer).info("to the file {n}", n=1)
+    assert json.loads(path.read_text())["message"] == "to the file 1"
+    logs._process_file.file.close()  # type: ignore[union-attr]
+    observer.sink("lost")  # a closed file drops and counts, it does not raise
+    assert logs.dropped_lines() >= 1
