@@ -28,6 +28,7 @@ The lines go where twistd's ``--logfile`` and ``--nodaemon`` say (:func:`set_log
 from __future__ import annotations
 
 import atexit
+import errno
 import math
 import re
 import signal
@@ -310,10 +311,22 @@ def _file_sink(path: str) -> _FileSink:
     return _process_file
 
 
+def _open_stdout(fd: int = 1) -> NonBlockingLineWriter:
+    """The writer on ``fd``; if ``fd`` is not open, one that drops (and counts) every line."""
+    try:
+        return NonBlockingLineWriter(fd)
+    except OSError:
+
+        def closed(_data: memoryview) -> int:
+            raise OSError(errno.EBADF, "standard output is closed")
+
+        return NonBlockingLineWriter(fd, raw=(-1, closed))
+
+
 def _stdout_writer() -> NonBlockingLineWriter:
     global _process_writer
     if _process_writer is None:
-        _process_writer = NonBlockingLineWriter(1)
+        _process_writer = _open_stdout(1)
         atexit.register(_process_writer.flush, FINAL_FLUSH_SECONDS)
     return _process_writer
 
