@@ -11,7 +11,7 @@ nothing: that is why ``#debug`` lines used to show at ``info``). The observer (:
   after it; ``json``: one object per line with ``time`` (RFC 3339, UTC), ``level``, ``logger`` (the namespace),
   ``message`` (rendered with ``formatEvent``), ``traceback`` when there is one, and the event's own fields
   (JSON-safe; a value JSON cannot represent is written as its ``repr``; Twisted's ``log_*`` keys and legacy keys
-  are left out; a field named like one of those keys is written with the prefix ``field_``);
+  are left out; a field named like one of the top-level keys is written with the prefix ``field_``);
 * escapes control characters (C0, DEL, C1, U+2028/9) in every line: console lines show them as ``\\n``,
   ``\\r``, ``\\t``, ``\\xNN`` or ``\\uNNNN``, JSON as JSON escapes, so no client-supplied text can start a
   line of its own;
@@ -55,10 +55,14 @@ __all__ = [
     "DroppedLinesCollector",
     "LogObserver",
     "LineSink",
+    "console_line",
     "dropped_lines",
     "escape_controls",
     "install",
+    "json_line",
     "observer_for",
+    "rfc3339",
+    "set_log_file",
 ]
 
 #: Namespace of the lines this module writes itself (level toggles, drop notices).
