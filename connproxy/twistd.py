@@ -1,5 +1,6 @@
 """What the two twistd plugins share: the ``--config`` option, turning a configuration error into a usage
-error that names the key (no traceback), and no pid file unless one is asked for.
+error that names the key (no traceback), no pid file unless one is asked for, and the log where twistd's
+``--logfile`` says (:func:`connproxy.obs.logs.set_log_file`).
 
 twistd writes ``twistd.pid`` in the working directory by default and refuses to start a second process in the
 same directory ("Another twistd server is running"). Both plugins switch that default off: twistd parses its own
@@ -43,12 +44,16 @@ class ConfigOptions(usage.Options):
     optParameters = [["config", "c", None, "YAML configuration file (default: embedded development defaults)"]]
 
     def postOptions(self) -> None:
-        """Under twistd, clear twistd's default pid file unless the command line names one (module docstring)."""
+        """Under twistd, clear twistd's default pid file unless the command line names one (module docstring), and
+        tell :mod:`connproxy.obs.logs` where ``--logfile``/``--nodaemon`` send the log."""
+        from connproxy.obs.logs import set_log_file
+
         parent = getattr(self, "parent", None)
         if parent is None or not hasattr(parent, "get"):
             return
         if parent.get("pidfile") == TWISTD_DEFAULT_PIDFILE and not names_pidfile(sys.argv[1:]):
             parent["pidfile"] = ""
+        set_log_file(parent.get("logfile"), bool(parent.get("nodaemon")))
 
 
 def make_service(

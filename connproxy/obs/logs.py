@@ -11,7 +11,7 @@ nothing: that is why ``#debug`` lines used to show at ``info``). The observer (:
   after it; ``json``: one object per line with ``time`` (RFC 3339, UTC), ``level``, ``logger`` (the namespace),
   ``message`` (rendered with ``formatEvent``), ``traceback`` when there is one, and the event's own fields
   (JSON-safe; a value JSON cannot represent is written as its ``repr``; Twisted's ``log_*`` keys and legacy keys
-  are left out; a field named like one of those keys is written with the prefix ``field_``);
+  are left out; a field named like one of the top-level keys is written with the prefix ``field_``);
 * escapes control characters (C0, DEL, C1, U+2028/9) in every line: console lines show them as ``\\n``,
   ``\\r``, ``\\t``, ``\\xNN`` or ``\\uNNNN``, JSON as JSON escapes, so no client-supplied text can start a
   line of its own;
@@ -21,12 +21,14 @@ nothing: that is why ``#debug`` lines used to show at ``info``). The observer (:
   rest is dropped and counted (:func:`dropped_lines`, metric ``connproxy_log_lines_dropped_total``), and one
   line ``N log lines dropped ...`` is written when writing resumes.
 
-The output is always standard output (twistd's ``--logfile`` is not used); see ``docs/logging.md``.
+The lines go where twistd's ``--logfile`` and ``--nodaemon`` say (:func:`set_log_file`; standard output under
+``twistd -n``); see ``docs/logging.md``.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
 import math
 import re
 import signal
@@ -53,10 +55,14 @@ __all__ = [
     "DroppedLinesCollector",
     "LogObserver",
     "LineSink",
+    "console_line",
     "dropped_lines",
     "escape_controls",
     "install",
+    "json_line",
     "observer_for",
+    "rfc3339",
+    "set_log_file",
 ]
 
 #: Namespace of the lines this module writes itself (level toggles, drop notices).
@@ -77,6 +83,10 @@ _MAX_DEPTH: Final = 8
 
 #: The writer on standard output of this process, once :func:`install` made it.
 _process_writer: NonBlockingLineWriter | None = None
+#: The log file of this process, when twistd's command line names one (:func:`set_log_file`).
+_process_file: _FileSink | None = None
+#: Where the log goes: ``None`` for standard output, else a file name (:func:`set_log_file`).
+_log_file: str | None = None
 
 
 def escape_controls(text: str) -> str:
@@ -259,27 +269,77 @@ class LogObserver:
 
 
 def observer_for(config: LoggingConfig, stream: IO[str] | None = None) -> LogObserver:
-    """A :class:`LogObserver` for ``config`` writing to ``stream`` (blocking writes: for tests and tools)
-    or, by default, to this process's non-blocking standard output writer."""
+    """A :class:`LogObserver` for ``config`` writing to ``stream`` (blocking writes: for tests and tools) or, by
+    default, where twistd's command line says (:func:`set_log_file`): this process's non-blocking standard
+    output writer, or a log file."""
     if stream is not None:
         return LogObserver(config, _stream_sink(stream))
+    if _log_file is not None:
+        return LogObserver(config, _file_sink(_log_file))
     writer = _stdout_writer()
     observer = LogObserver(config, writer.write_line)
     writer.notice = observer.drop_notice
     return observer
 
 
+def set_log_file(logfile: str | None, nodaemon: bool) -> None:
+    """Record where twistd's command line sends the log (the plugins' option parser calls this), as twistd
+    itself would: ``--logfile=-``, or no ``--logfile`` with ``--nodaemon``: standard output; ``--logfile=NAME``:
+    that file, rotated as twistd rotates it (at 1 MB, and on SIGUSR1); no ``--logfile`` when daemonizing:
+    ``twistd.log``."""
+    global _log_file
+    _log_file = None if logfile == "-" or (nodaemon and not logfile) else (logfile or "twistd.log")
+
+
+class _FileSink:
+    """Lines to a twistd-style rotating log file; a failed write drops the line and counts it."""
+
+    def __init__(self, path: str) -> None:
+        from twisted.python.logfile import LogFile
+
+        self.file = LogFile.fromFullPath(path)
+        self.dropped = 0
+
+    def __call__(self, line: str) -> None:
+        try:
+            self.file.write(line + "\n")
+            self.file.flush()
+        except Exception:  # OSError (disk full), or a closed file (AttributeError): never into the caller
+            self.dropped += 1
+
+
+def _file_sink(path: str) -> _FileSink:
+    global _process_file
+    if _process_file is None:
+        _process_file = _FileSink(path)
+    return _process_file
+
+
+def _open_stdout(fd: int = 1) -> NonBlockingLineWriter:
+    """The writer on ``fd``; if ``fd`` is not open, one that drops (and counts) every line."""
+    try:
+        return NonBlockingLineWriter(fd)
+    except OSError:
+
+        def closed(_data: memoryview) -> int:
+            raise OSError(errno.EBADF, "standard output is closed")
+
+        return NonBlockingLineWriter(fd, raw=(-1, closed))
+
+
 def _stdout_writer() -> NonBlockingLineWriter:
     global _process_writer
     if _process_writer is None:
-        _process_writer = NonBlockingLineWriter(1)
+        _process_writer = _open_stdout(1)
         atexit.register(_process_writer.flush, FINAL_FLUSH_SECONDS)
     return _process_writer
 
 
 def dropped_lines() -> int:
-    """Log and audit lines this process dropped because standard output was not read (0 before :func:`install`)."""
-    return _process_writer.dropped if _process_writer is not None else 0
+    """Log and audit lines this process dropped because standard output was not read (or its log file could
+    not be written); 0 before :func:`install`."""
+    return ((_process_writer.dropped if _process_writer is not None else 0)
+            + (_process_file.dropped if _process_file is not None else 0))
 
 
 class DroppedLinesCollector:
@@ -313,15 +373,29 @@ def install(parent: Any, config: LoggingConfig, reactor: Any = None, *, sink: Li
         observer = LogObserver(config, sink)
     else:
         observer = observer_for(config)
-        if reactor is not None:
-            writer = _stdout_writer()
-            writer.attach(reactor)
+        if reactor is not None and _process_writer is not None:
+            _process_writer.attach(reactor)
             # twistd ends a process stopped by a signal by killing itself with it again: no atexit then.
-            reactor.addSystemEventTrigger("after", "shutdown", writer.flush, FINAL_FLUSH_SECONDS)
+            reactor.addSystemEventTrigger("after", "shutdown", _process_writer.flush, FINAL_FLUSH_SECONDS)
+        if reactor is not None and _process_file is not None and signals:
+            _install_rotation(_process_file, reactor)
     parent.setComponent(ILogObserver, observer)
     if reactor is not None and signals:
         _install_toggle(observer, reactor)
     return observer
+
+
+def _install_rotation(sink: _FileSink, reactor: Any) -> None:
+    """SIGUSR1 rotates the log file, as under twistd's own file observer (unless SIGUSR1 is taken)."""
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        reactor.callFromThread(sink.file.rotate)
+
+    try:
+        if not signal.getsignal(signal.SIGUSR1):
+            signal.signal(signal.SIGUSR1, on_signal)
+    except (ValueError, OSError, AttributeError):
+        pass
 
 
 def _install_toggle(observer: LogObserver, reactor: Any) -> None:

@@ -257,3 +257,44 @@ def test_drop_notice_in_the_configured_format() -> None:
     console_observer, _lines, _log = capture("console")
     assert console_observer.drop_notice(3).endswith(
         "[connproxy.obs.logs#warn] 3 log lines dropped: standard output was not read fast enough")
+
+
+def test_a_log_file_named_on_the_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    path = tmp_path / "proxy.log"
+    monkeypatch.setattr(logs, "_process_file", None)
+    monkeypatch.setattr(logs, "_log_file", str(path))
+    observer = observer_for(LoggingConfig(format="json"))
+    Logger(namespace="x", observer=observer).info("to the file {n}", n=1)
+    assert json.loads(path.read_text())["message"] == "to the file 1"
+    logs._process_file.file.close()  # type: ignore[union-attr]
+    observer.sink("lost")  # a closed file drops and counts, it does not raise
+    assert logs.dropped_lines() >= 1
+
+
+def test_both_services_install_the_observer_with_their_reactor(tmp_path: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from connproxy.config import connector_config_from_mapping, embedded_proxy_config
+    from connproxy.connector.dialer import make_connector_service
+    from connproxy.proxy.service import ProxyService
+
+    monkeypatch.setenv("CONNPROXY_STATE_DIR", str(tmp_path / "state"))
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(logs, "install", lambda *args: calls.append(args))
+    reactor = MemoryReactorClock()
+    proxy = ProxyService(embedded_proxy_config(), reactor)
+    connector = make_connector_service(
+        connector_config_from_mapping({"subaccountId": "t", "proxy": {"host": "127.0.0.1", "port": 1}}), reactor)
+    for service in (proxy, connector):
+        app = Application("connproxy")
+        service.setServiceParent(app)
+        assert calls[-1] == (app, service.config.logging, reactor)
+
+
+def test_a_closed_stdout_drops_and_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.close(write_end)  # a descriptor number that is not open
+    writer = logs._open_stdout(write_end)
+    assert not writer.write_line("lost") and writer.dropped == 1

@@ -1,4 +1,5 @@
-"""``twistd connproxy`` and ``twistd connproxy-connector`` write no pid file unless ``--pidfile`` names one."""
+"""``twistd connproxy`` and ``twistd connproxy-connector`` write no pid file unless ``--pidfile`` names one, and
+send the log where ``--logfile`` says."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import sys
 import pytest
 from twisted.scripts._twistd_unix import ServerOptions
 
+from connproxy.obs import logs
 from connproxy.twistd import names_pidfile
 
 
 def parse(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> ServerOptions:
     monkeypatch.setattr(sys, "argv", ["twistd", *argv])
+    monkeypatch.setattr(logs, "_log_file", None)  # restored after the test
     options = ServerOptions()
     options.parseOptions(argv)
     return options
@@ -42,3 +45,15 @@ def test_names_pidfile() -> None:
     assert names_pidfile(["--pidf=a"]) and names_pidfile(["--pi", "a"])
     assert not names_pidfile(["--p=a"]) and not names_pidfile(["--profile=x", "connproxy"])
     assert not names_pidfile(["connproxy", "--", "--pidfile=x"])
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["-n", "connproxy"], None),
+    (["-n", "--logfile=-", "connproxy"], None),
+    (["-n", "--logfile", "proxy.log", "connproxy"], "proxy.log"),
+    (["connproxy-connector"], "twistd.log"),
+])
+def test_the_log_goes_where_logfile_says(monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                         expected: str | None) -> None:
+    parse(monkeypatch, argv)
+    assert logs._log_file == expected

@@ -175,3 +175,49 @@ def test_a_regular_file_is_written_as_it_is(tmp_path: Any) -> None:
     finally:
         os.close(fd)
     assert path.read_text() == "a\nb\n"
+
+
+def test_a_socket_is_written_with_msg_dontwait() -> None:
+    import socket
+
+    ours, theirs = socket.socketpair()
+    try:
+        writer = NonBlockingLineWriter(ours.fileno())
+        assert writer.how == "socket" and ours.getblocking()
+        written = fill(writer)
+        assert written > 1 and ours.getblocking()
+        theirs.setblocking(False)
+        received = bytearray()
+        while writer.buffered:
+            try:
+                received += theirs.recv(1 << 16)
+            except BlockingIOError:
+                pass
+            writer.doWrite()
+        while True:
+            try:
+                received += theirs.recv(1 << 16)
+            except BlockingIOError:
+                break
+        assert received.count(b"\n") == written
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_without_proc_the_shared_description_is_made_non_blocking(pipe: tuple[int, int],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _read_end, write_end = pipe
+    real_open = os.open
+
+    def no_proc(path: str, *args: Any) -> int:
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "open", no_proc)
+    own, _write, how = open_nonblocking(write_end)
+    try:
+        assert how == "shared-nonblocking" and not os.get_blocking(write_end)  # documented side effect
+    finally:
+        os.close(own)
