@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import h11
-
 Headers = list[tuple[bytes, bytes]]
 
 #: Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1), plus the proxy's own.
@@ -108,9 +106,10 @@ def forwarded_response_headers(headers: Sequence[tuple[bytes, bytes]]) -> Header
     return end_to_end_headers(headers, drop=(b"content-length",) if is_chunked(headers) else ())
 
 
-def has_body(request: h11.Request) -> bool:
-    """Whether a request announces a body (``Transfer-Encoding``, or a ``Content-Length`` other than 0)."""
-    headers = header_list(request.headers)
+def has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request with ``headers`` announces a body (``Transfer-Encoding``, or a ``Content-Length`` other
+    than 0)."""
+    headers = header_list(headers)
     if header_values(headers, b"transfer-encoding"):
         return True
     return any(v.strip() not in (b"0", b"") for v in header_values(headers, b"content-length"))

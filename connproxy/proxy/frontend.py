@@ -66,7 +66,6 @@ class FrontEndFactory(Factory):
     log = Logger()
     #: The front end's name in logs and metrics.
     front_end = "front end"
-    noisy = False
 
     def __init__(
         self,

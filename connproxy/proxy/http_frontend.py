@@ -57,6 +57,7 @@ from connproxy.http.headers import (
     end_to_end_headers,
     escape_controls,
     forwarded_response_headers,
+    has_body,
     header_list,
     header_values,
     upgrade_of,
@@ -68,7 +69,6 @@ from connproxy.proxy.http_request import (
     ProxyRequest,
     RequestRules,
     check_propagation,
-    has_body_headers,
     parse_proxy_request,
 )
 from connproxy.proxy.replies import http_status_for, open_failure_text, reason_for
@@ -453,7 +453,7 @@ class HttpProxyProtocol(H11Relay):
     def _begin(self, request: h11.Request) -> None:
         self.requests += 1
         headers = header_list(request.headers)
-        ex = _Exchange(method=request.method, raw_target=request.target, has_body=has_body_headers(headers),
+        ex = _Exchange(method=request.method, raw_target=request.target, has_body=has_body(headers),
                        must_close=bool(header_values(headers, b"transfer-encoding")
                                        and header_values(headers, b"content-length")))
         self.exchange = ex

@@ -24,6 +24,7 @@ from connproxy.http.headers import (
     Headers,
     escape_controls,
     forwarded_request_headers,
+    has_body,
     header_list,
     header_values,
     split_authority,
@@ -241,16 +242,8 @@ def parse_proxy_request(
         location=location_id, proxy_token=proxy_token,
         service_token=service_token.decode("latin-1") if service_token else None,
         user_token=user, technical_token=technical, upgrade=upgrade,
-        has_body=has_body_headers(headers), must_close=must_close, headers=forwarded,
+        has_body=has_body(headers), must_close=must_close, headers=forwarded,
     )
-
-
-def has_body_headers(headers: Headers) -> bool:
-    """Whether a request with ``headers`` announces a body (``Transfer-Encoding``, or a ``Content-Length`` other
-    than 0)."""
-    if header_values(headers, b"transfer-encoding"):
-        return True
-    return any(v.strip() not in (b"0", b"") for v in header_values(headers, b"content-length"))
 
 
 def carries_user(token: str) -> bool:

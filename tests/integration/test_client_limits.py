@@ -106,3 +106,31 @@ def test_accepted_sockets_have_tcp_nodelay_and_silent_ones_are_closed(stack: Sta
         started = reactor.seconds()
         data = yield within(client.closed, 15.0)  # handshakeTimeoutSeconds=2: closed, nothing said
         assert data == b"" and reactor.seconds() - started >= 1.5
+
+
+# ------------------------------------------------------------------------------------------------ client faults
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_faults_in_the_request_body_through_the_real_stack(stack: Stack) -> Iterator[Deferred[Any]]:
+    from twisted.internet.threads import deferToThread
+
+    from tests.http_harness import http_rule, parse_response, raw_exchange, serve_http
+
+    backend = yield serve_http()
+    stack.ports.append(backend)
+    stack.start_proxy(**limits(bodyTimeoutSeconds=1))
+    connector = stack.start_connector(access=[http_rule("erp.internal", 8080, backend.getHost().port)])
+    yield connector.when_up()
+    head = b"POST http://erp.internal:8080/up HTTP/1.1\r\nHost: erp.internal:8080\r\n"
+    # a broken chunk header: the client's fault, 400 (not a 502 blamed on the backend)
+    raw = yield deferToThread(raw_exchange, stack.http_port,
+                              head + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+    status, headers, body = parse_response(raw)
+    assert (status, headers.get("connection")) == (400, "close") and b"malformed request body" in body
+    # a body that stops after 10 of 1000 bytes: 408 within the 1 s window (at 100 bytes/s), not after 120 s
+    started = reactor.seconds()
+    raw = yield deferToThread(raw_exchange, stack.http_port, head + b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
+    status, headers, body = parse_response(raw)
+    assert status == 408 and b"request body too slow: 10 bytes in 1s" in body
+    assert reactor.seconds() - started < 8

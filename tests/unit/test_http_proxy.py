@@ -842,3 +842,48 @@ def test_connections_over_the_limits_get_503_and_are_closed_at_once() -> None:
     first.connectionLost(Failure(ConnectionDone()))  # counted once
     assert (factory.connections, factory.by_client) == (2, {"10.0.0.1": 1, "10.0.0.2": 1})
     assert isinstance(factory.buildProtocol(a), HttpProxyProtocol)
+
+
+# ------------------------------------------------------------------------------------------------ phases
+
+
+def test_every_phase_can_end_and_illegal_transitions_are_bugs() -> None:
+    from connproxy.proxy.http_frontend import TRANSITIONS, Phase, _Exchange
+
+    assert set(TRANSITIONS) == set(Phase)
+    assert all(Phase.ENDED in nxt for phase, nxt in TRANSITIONS.items() if phase is not Phase.ENDED)
+    ex = _Exchange(method=b"GET", raw_target=b"/", has_body=False)
+    ex.to(Phase.SENDING)
+    with pytest.raises(RuntimeError, match="from SENDING to REJECTED"):
+        ex.to(Phase.REJECTED)
+
+
+def test_an_exchange_goes_through_its_phases() -> None:
+    from connproxy.proxy.http_frontend import Phase
+
+    c = Client()
+    c.send(b"POST http://erp.internal/ HTTP/1.1\r\nHost: erp.internal\r\nContent-Length: 4\r\n\r\nab")
+    ex = c.protocol.exchange
+    assert ex is not None and ex.phase is Phase.ROUTING
+    upstream, stream = c.router.endpoints[0].accept()
+    assert ex.phase is Phase.SENDING
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")  # an early answer
+    assert ex.phase is Phase.ANSWERING
+    upstream.dataReceived(b"ok")
+    assert ex.phase is Phase.ANSWERED and c.protocol.exchange is ex  # the request body is still coming
+    c.send(b"cd")
+    assert ex.phase is Phase.ENDED and c.protocol.exchange is None
+    assert one(c.take()) == (200, {b"content-length": b"2"}, b"ok")
+    assert not c.transport.disconnecting
+
+
+def test_a_refused_upgrade_is_answered_and_the_connection_kept() -> None:
+    c = Client()
+    c.send(b"GET http://ws.internal/ws HTTP/1.1\r\nHost: ws.internal\r\nConnection: Upgrade\r\n"
+           b"Upgrade: websocket\r\n\r\n")
+    c.router.endpoints[0].d.errback(StreamRefusedError(ErrorCode.ACCESS_DENIED, "resource /ws allows no upgrades"))
+    status, _h, body = one(c.take())
+    assert (status, body) == (403, b"resource /ws allows no upgrades\n")
+    assert not c.transport.disconnecting
+    c.send(GET + b"\r\n")
+    assert len(c.router.endpoints) == 2
