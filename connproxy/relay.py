@@ -16,8 +16,6 @@ wired to the next request's stream.
 
 from __future__ import annotations
 
-import socket
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -31,8 +29,6 @@ from zope.interface import implementer
 #: Bytes a relay side holds for a peer that is not connected yet (pipelined client data); beyond it the
 #: transport is paused.
 MAX_BACKLOG = 256 * 1024
-
-_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -144,25 +140,11 @@ class Relay(Protocol):
         if reason.check(ConnectionDone):
             peer.transport.loseConnection()
         else:
-            abort_with_reset(peer.transport)
-
-
-def abort_with_reset(transport: Any) -> None:
-    """Abort ``transport`` so that its peer sees a reset, not a clean end: for a TCP socket ``SO_LINGER`` is
-    set to zero first (a plain ``close()`` would still deliver the kernel's send buffer and a FIN, which reads
-    as a complete transfer); a transport without ``abortConnection`` is closed."""
-    handle = getattr(transport, "getHandle", None)
-    sock = handle() if handle is not None else None
-    if isinstance(sock, socket.socket):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-        except OSError:
-            pass
-    abort = getattr(transport, "abortConnection", None)
-    if abort is not None:
-        abort()
-    else:
-        transport.loseConnection()
+            abort = getattr(peer.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+            else:
+                peer.transport.loseConnection()
 
 
 def _unregister(transport: Any) -> None:
