@@ -165,6 +165,7 @@ class Reloader(Generic[C]):
     def reload(self, why: str = "SIGHUP") -> bool:
         """Load the file and apply it; True if applied. Never raises: a refusal is one log line."""
         self._seen = self._signatures()
+        log.info("reloading the configuration from {path} ({why})", path=self.path, why=why)
         try:
             config = self.load(self.path)
             self.apply(config)
