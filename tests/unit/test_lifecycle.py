@@ -250,3 +250,83 @@ class DrainDeadlineTests(SynchronousTestCase):
         self.assertTrue(s.proxy_stream.closed)
         self.assertEqual(pair.proxy.streams, {})
 
+
+
+class ProxyMetricsTests(SynchronousTestCase):
+    def test_open_latency_and_pending_opens(self) -> None:
+        from twisted.internet.defer import Deferred
+        from twisted.internet.protocol import Factory, Protocol
+
+        from connproxy.proxy.routing import Router
+
+        clock = Clock()
+        answer: Deferred[Any] = Deferred()
+
+        class Tunnel:
+            tenant, location, connector_id, load, routable = "t", "", "c", 0, True
+            tunnel_id = "account:///t"
+
+            def replaced(self) -> None:
+                pass
+
+            def open_stream(self, request: Any, factory: Any) -> Deferred[Any]:
+                return answer
+
+        registry = ConnectorRegistry()
+        registry.register(Tunnel())  # type: ignore[arg-type]
+        metrics = ProxyMetrics(registry, clock=clock.seconds)
+        d = Router(registry, metrics).endpoint(tenant="t", location="", host="h", port=1,
+                                               meta={"via": "socks5"}).connect(Factory.forProtocol(Protocol))
+        sample = metrics.prometheus.get_sample_value
+        self.assertEqual(sample("connproxy_stream_opens_pending", {}), 1)
+        clock.advance(0.3)
+        answer.callback(Protocol())
+        self.successResultOf(d)
+        self.assertEqual(sample("connproxy_stream_opens_pending", {}), 0)
+        self.assertEqual(sample("connproxy_stream_open_seconds_count", {"front_end": "socks5"}), 1)
+        self.assertEqual(sample("connproxy_stream_open_seconds_bucket", {"front_end": "socks5", "le": "0.25"}), 0)
+        self.assertEqual(sample("connproxy_stream_open_seconds_bucket", {"front_end": "socks5", "le": "0.5"}), 1)
+
+    def test_client_bytes_count_live_and_finished_streams(self) -> None:
+        from connproxy.wire.events import OpenRequest
+
+        class Stream:
+            def __init__(self, via: str, sent: int, received: int) -> None:
+                self.request = OpenRequest("h", 1, "tcp", {"via": via})
+                self.bytes_out = sent
+                self.bytes_in = received
+
+        metrics = ProxyMetrics(ConnectorRegistry())
+        live = [Stream("http", 10, 100)]
+        metrics.bytes.live = lambda: live
+        metrics.bytes.stream_finished(Stream("http", 1, 2))
+        sample = metrics.prometheus.get_sample_value
+        self.assertEqual(sample("connproxy_client_bytes_total", {"front_end": "http", "direction": "in"}), 11)
+        self.assertEqual(sample("connproxy_client_bytes_total", {"front_end": "http", "direction": "out"}), 102)
+        metrics.bytes.stream_finished(live.pop())
+        self.assertEqual(sample("connproxy_client_bytes_total", {"front_end": "http", "direction": "out"}), 102)
+
+
+class ConnectorApplyTests(SynchronousTestCase):
+    def test_access_control_applies_and_other_keys_are_named_for_a_restart(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from connproxy.connector.dialer import ConnectorService
+        from connproxy.connector.service import ConnectorProcess
+
+        reactor = MemoryReactorClock()
+        old = connector()
+        service = ConnectorService(reactor, old, endpoint_factory=lambda: None)  # type: ignore[arg-type,return-value]
+        process = ConnectorProcess(old, reactor, connector=service)
+        logs = Captured(self)
+        new = connector(accessControl=[RULE], backend={"connectTimeoutSeconds": 3}, proxy={"port": 9000})
+        process.apply_config(new)
+        self.assertEqual(service.config.access_control, new.access_control)
+        self.assertIs(service.dialer.config, service.config)
+        self.assertIs(service.dialer.http.config, service.config)
+        self.assertEqual(service.config.backend, old.backend)  # not applied
+        self.assertEqual(service.config.proxy, old.proxy)
+        warnings = [e for e in logs.events if e.get("log_level") == LogLevel.warn]
+        [line] = warnings
+        self.assertEqual(line["keys"], "proxy.port, backend.connectTimeoutSeconds")
+        self.assertIn("need a restart", line["log_format"])
