@@ -180,6 +180,7 @@ class Reloader(Generic[C]):
             log.failure("configuration reload ({why}) failed, the running configuration stays", why=why)
             self.on_result("error")
             return False
+        self._seen = self._signatures()  # the applied configuration may watch other files
         self.on_result("ok")
         return True
 

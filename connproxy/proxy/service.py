@@ -65,6 +65,10 @@ class CountingAuthorizer:
         d.addErrback(self._count)
         return d
 
+    def __getattr__(self, name: str) -> Any:
+        """Anything else is the wrapped authorizer's (``tenant_mode``, ``authorization_enabled`` ...)."""
+        return getattr(self.inner, name)
+
     def _count(self, failure: Any) -> Any:
         if failure.check(AuthError):
             self.metrics.token_failures.labels(self.front_end, str(failure.value.reason)).inc()

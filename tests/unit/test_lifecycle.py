@@ -167,6 +167,20 @@ class ReloaderTests(SynchronousTestCase):
         self.clock.advance(2.0)
         self.assertEqual(self.results, ["ok", "error"])  # a refused version is not retried until it changes
 
+    def test_a_change_of_an_extra_file_reloads(self) -> None:
+        keys = self.folder / "token_keys.json"
+        keys.write_text("{}")
+        reloader: Reloader[Any] = Reloader(
+            self.clock, str(self.folder / "config.yaml"), load_connector_config, self.applied.append,
+            self.results.append, extra_files=lambda: [str(keys)], poll_seconds=2.0)
+        reloader.start()
+        self.addCleanup(reloader.stop)
+        self.clock.advance(2.0)
+        self.assertEqual(self.results, [])
+        keys.write_text('{"keys": []}')  # edited in place: size and time change
+        self.clock.advance(2.0)
+        self.assertEqual(self.results, ["ok"])
+
     def test_missing_file_is_not_a_reload(self) -> None:
         self.reloader.start()
         self.addCleanup(self.reloader.stop)
