@@ -99,8 +99,11 @@ class Captured:
 
 class ReloaderTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.folder = Path(self.mktemp()).resolve()
-        self.folder.mkdir()
+        import shutil
+        import tempfile
+
+        self.folder = Path(tempfile.mkdtemp(prefix="connproxy-reload-")).resolve()
+        self.addCleanup(shutil.rmtree, self.folder, True)
         self.clock = Clock()
         self.applied: list[Any] = []
         self.results: list[str] = []
