@@ -63,7 +63,8 @@ def make_service(
     build: Callable[[C, Any], IService],
 ) -> IService:
     """Load the configuration named by ``--config`` (or the embedded defaults) and build the service with the
-    global reactor (the one place it is imported, at start-up).
+    global reactor (the one place it is imported, at start-up); the service's ``enable_process_control`` (if
+    it has one) is called with the configuration path (signals, reload).
 
     :raises usage.UsageError: the configuration is invalid (the message names the key).
     """
@@ -73,4 +74,9 @@ def make_service(
         config = load(options["config"]) if options["config"] else embedded()
     except ConfigError as e:
         raise usage.UsageError(str(e)) from None
-    return build(config, reactor)
+    service = build(config, reactor)
+    # As the process: SIGTERM drains and exits 0, SIGHUP (and a changed file) reloads (connproxy.reload).
+    enable = getattr(service, "enable_process_control", None)
+    if enable is not None:
+        enable(options["config"] or None)
+    return service

@@ -130,7 +130,7 @@ class Stack:
     def start_connector(self, subaccount: str = "tenant-a", location: str | None = None,
                         bind_location: bool = False, access: list[dict[str, Any]] | None = None,
                         connector_id: str = "c1", claim_subaccount: str | None = None,
-                        **overrides: Any) -> ConnectorService:
+                        tunnel_port: int | None = None, **overrides: Any) -> ConnectorService:
         name = f"conn-{len(self.connectors)}"
         cert, key = self.pki.connector(subaccount, location if bind_location else None)
         (self.tmp / f"{name}.crt").write_bytes(cert)
@@ -140,7 +140,7 @@ class Stack:
             "subaccountId": claim_subaccount or subaccount,
             "locationId": location or "",
             "connectorId": connector_id,
-            "proxy": {"host": "127.0.0.1", "port": self.tunnel_port, "serverName": "localhost"},
+            "proxy": {"host": "127.0.0.1", "port": tunnel_port or self.tunnel_port, "serverName": "localhost"},
             "tls": {"certFile": str(self.tmp / f"{name}.crt"), "keyFile": str(self.tmp / f"{name}.key"),
                     "caFile": str(self.tmp / "ca.crt")},
             "tunnel": dict(FAST_TUNNEL),

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IAddress, IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from connproxy.config import ConnectorConfig
+from connproxy.connector.metrics import ConnectorMetrics
 from connproxy.connector.tcp import BackendDialer
 from connproxy.obs import audit
 from connproxy.pki import tls
@@ -65,6 +66,7 @@ class ConnectorTunnel(TunnelConnection):
         self.pending_connects: dict[int, Deferred[Any]] = {}
         self.established_at: float | None = None
         self.refusal: str | None = None
+        self.replica_id = ""
 
     def connectionMade(self) -> None:
         """Send the preface and HELLO at once (TLS carries them after its handshake)."""
@@ -84,6 +86,7 @@ class ConnectorTunnel(TunnelConnection):
         """The proxy accepted us: the tunnel is up."""
         self.handshake_done()
         self.established_at = self.clock.seconds()
+        self.replica_id = str(event.hello.get("replica_id") or "")[:128]
         self.service.tunnel_up(self, event.hello)
 
     def goaway_received(self, event: GoAwayReceived) -> None:
@@ -113,8 +116,14 @@ class ConnectorTunnel(TunnelConnection):
         """Serve the stream (access control, backend)."""
         self.service.dialer.handle(self, stream)
 
+    def reset_stream(self, stream_id: int, code: ErrorCode, reason: str = "", after_data: bool = False) -> None:
+        """Send RESET, counting access denials and backend failures (:class:`ConnectorMetrics`)."""
+        self.service.metrics.reset_sent(code)
+        super().reset_stream(stream_id, code, reason, after_data)
+
     def tunnel_lost(self, reason: Failure | None) -> None:
         """Cancel backend connects in flight and let the service reconnect."""
+        self.service.tunnels.discard(self)
         pending, self.pending_connects = self.pending_connects, {}
         for d in list(pending.values()):
             d.cancel()
@@ -126,7 +135,9 @@ class _TunnelFactory(Factory):
         self.service = service
 
     def buildProtocol(self, addr: IAddress | None) -> ConnectorTunnel:
-        return ConnectorTunnel(self.service)
+        tunnel = ConnectorTunnel(self.service)
+        self.service.tunnels.add(tunnel)
+        return tunnel
 
 
 class ConnectorService(Service):
@@ -161,6 +172,10 @@ class ConnectorService(Service):
         self._stopping = False
         self._up_waiters: list[Deferred[ConnectorTunnel]] = []
         self.connections = 0
+        #: Every tunnel connection not lost yet: the current one and those the proxy drains.
+        self.tunnels: set[ConnectorTunnel] = set()
+        self.draining = False
+        self.metrics = ConnectorMetrics(lambda: list(self.tunnels))
 
     # ------------------------------------------------------------------ service
 
@@ -175,28 +190,45 @@ class ConnectorService(Service):
         """Dial now."""
         super().startService()
         self._stopping = False
+        self.draining = False
         self._dial()
 
-    def stopService(self) -> Deferred[None]:
-        """Stop dialing; GOAWAY the tunnel, let its streams finish (up to 30 s), then close it."""
+    def readiness(self) -> tuple[bool, str]:
+        """``(ready, reason)`` for ``/ready``: ready while a tunnel to the proxy is established."""
+        if self.draining:
+            return False, "draining"
+        tunnel = self.tunnel
+        if tunnel is None or tunnel.lost or tunnel.established_at is None:
+            return False, "no tunnel to the proxy"
+        return True, ""
+
+    def stopService(self) -> Deferred[Any]:
+        """Drain: stop dialing, GOAWAY ``SHUTTING_DOWN`` on every tunnel (the proxy opens no new streams on it),
+        let streams finish for ``shutdown.drainTimeoutSeconds``, RESET the rest (their backend sockets are
+        aborted), close. Fires once every tunnel closed (at most a few seconds past the deadline)."""
         super().stopService()
         self._stopping = True
+        self.draining = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         if self._connecting is not None:
             self._connecting.cancel()
-        tunnel = self.tunnel
-        if tunnel is None or tunnel.lost:
+        tunnels = [t for t in self.tunnels if not t.lost]
+        if not tunnels:
             return succeed(None)
-        done: Deferred[None] = Deferred()
-
-        def closed(result: object) -> object:
-            if not done.called:
-                done.callback(None)
-            return result
-
-        tunnel.closed.addBoth(closed)
-        tunnel.drain(ErrorCode.SHUTTING_DOWN, "connector shutting down", grace=30.0)
+        grace = float(self.config.shutdown.drain_timeout_seconds)
+        self.log.info(
+            "draining: {streams} streams may finish within {grace}s",
+            streams=sum(len(t.streams) for t in tunnels), grace=grace,
+        )
+        for tunnel in tunnels:
+            if tunnel.session.ready:
+                tunnel.drain(ErrorCode.SHUTTING_DOWN, "connector shutting down", grace=grace)
+            else:
+                tunnel.close_transport()
+        done: Deferred[Any] = DeferredList([t.closed for t in tunnels], consumeErrors=True)
+        done.addTimeout(grace + 5.0, self.clock)
+        done.addErrback(lambda _f: self.log.warn("drain: a tunnel still open after the deadline; stopping anyway"))
         return done
 
     def when_up(self) -> Deferred[ConnectorTunnel]:
@@ -213,6 +245,8 @@ class ConnectorService(Service):
         self._retry = None
         if self._stopping:
             return
+        if self.connections:
+            self.metrics.reconnects.inc()
         self.connections += 1
         config = self.config
         self.log.info(
@@ -262,6 +296,7 @@ class ConnectorService(Service):
     def tunnel_up(self, tunnel: ConnectorTunnel, hello: dict[str, Any]) -> None:
         """The handshake completed."""
         self.tunnel = tunnel
+        self.metrics.tunnel_up(tunnel.replica_id)
         self.log.info(
             "tunnel established to proxy replica {replica} as {tunnel_id} location {location}",
             replica=hello.get("replica_id"), tunnel_id=hello.get("tunnel_id"),

@@ -14,6 +14,6 @@ class Options(ConfigOptions):
 
 def makeService(options: Options) -> IService:
     """The connector service for ``--config`` (see :func:`connproxy.twistd.make_service`)."""
-    from connproxy.connector.dialer import make_connector_service
+    from connproxy.connector.service import make_connector_process
 
-    return make_service(options, load_connector_config, embedded_connector_config, make_connector_service)
+    return make_service(options, load_connector_config, embedded_connector_config, make_connector_process)

@@ -46,17 +46,22 @@ class TunnelEndpoint:
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         """Open a stream; see the module docstring for the failures."""
         tunnel: Any = self.registry.pick(self.tenant, self.location)
+        started: float | None = None
         if tunnel is None:
             d: Deferred[IProtocol] = fail(NoConnectorError(self.tenant, self.location))
         else:
+            if self.metrics is not None:
+                started = self.metrics.open_started()
             d = tunnel.open_stream(self.request, protocolFactory)
         if self.metrics is not None:
-            d.addBoth(self._count, tunnel)
+            d.addBoth(self._count, tunnel, started)
         return d
 
-    def _count(self, result: Any, tunnel: Any) -> Any:
+    def _count(self, result: Any, tunnel: Any, started: float | None = None) -> Any:
         assert self.metrics is not None
         front_end = str(self.request.meta.get("via", "unknown"))
+        if started is not None:
+            self.metrics.open_finished(started, front_end)
         if isinstance(result, Failure):
             if result.check(OpenTimeoutError) and tunnel is not None:
                 self.metrics.opening_timeouts.labels(tunnel.tunnel_id).inc()

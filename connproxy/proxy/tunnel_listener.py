@@ -9,6 +9,8 @@ certificate, never from the handshake alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import h11
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
@@ -21,6 +23,7 @@ from connproxy.pki.tls import peer_identity
 from connproxy.proxy.registry import ConnectorRegistry
 from connproxy.tunnel.connection import TunnelConnection, TunnelTimers
 from connproxy.tunnel.settings import CAPABILITIES
+from connproxy.tunnel.stream import TunnelStream
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import HelloReceived
 from connproxy.wire.frames import PREFACE
@@ -235,6 +238,13 @@ class ProxyTunnel(TunnelConnection):
         )
         self.fail(ErrorCode.AUTH_FAILED, reason)
 
+    def stream_finished(self, stream: TunnelStream) -> None:
+        """Forget ``stream`` and hand it to the factory's ``on_stream_finished`` (the byte counters)."""
+        super().stream_finished(stream)
+        hook = self.factory.on_stream_finished
+        if hook is not None:
+            hook(stream)
+
     def tunnel_lost(self, reason: Failure | None) -> None:
         """Deregister at once, so that a reconnecting connector is not refused or shadowed."""
         if self.connector_id and self.session.ready:
@@ -265,6 +275,8 @@ class ProxyTunnelFactory(Factory):
         self.replica_id = replica_id
         self.audit_writer = audit_writer
         self.tunnels: set[ProxyTunnel] = set()
+        #: Called with every stream that finished (set by the service for its metrics).
+        self.on_stream_finished: Callable[[TunnelStream], None] | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyTunnel:
         """A new connection on the tunnel port."""

@@ -393,7 +393,7 @@ class TunnelConnection(Protocol):
     def drain(self, code: ErrorCode, reason: str, grace: float | None = None) -> None:
         """GOAWAY ``code``: the peer opens no new streams here; close once the last stream ended.
 
-        With ``grace``, streams still open after that many seconds are cut: the transport is closed anyway.
+        With ``grace``, streams still open after that many seconds are RESET and the transport is closed.
         """
         self.drain_requested = True
         if self.lost or self.transport is None:
@@ -405,7 +405,11 @@ class TunnelConnection(Protocol):
         self.streams_changed()
 
     def _drain_expired(self) -> None:
+        """The grace is over: every stream still open is RESET (``SHUTTING_DOWN``; its protocol sees an abort,
+        never a clean end), then the tunnel closes."""
         self._drain_timer = None
+        for stream in list(self.streams.values()):
+            stream.refuse(ErrorCode.SHUTTING_DOWN, "drain deadline passed")
         self._close_drained()
 
     def streams_changed(self) -> None:

@@ -63,7 +63,10 @@ def imports_of(path: Path, source: str | None = None) -> list[tuple[int, str]]:
                 found.append((node.lineno, resolve_relative(path, node.level, node.module)))
             else:
                 assert node.module is not None
-                found.append((node.lineno, node.module))
+                if node.module == "connproxy":  # from connproxy import reload: the module connproxy.reload
+                    found.extend((node.lineno, f"connproxy.{alias.name}") for alias in node.names)
+                else:
+                    found.append((node.lineno, node.module))
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = node.func
             name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
@@ -144,8 +147,11 @@ LAYERS: dict[str, dict[str, tuple[str, ...]]] = {
     "connproxy.obs": {"allow": ("connproxy.config", "twisted", "zope", "prometheus_client")},
     "connproxy.relay": {"allow": ("twisted", "zope")},
     "connproxy.listener": {"allow": ("twisted", "zope")},
-    "connproxy.twistd": {"allow": ("connproxy.config", "twisted")},
+    "connproxy.twistd": {"allow": ("connproxy.config", "connproxy.obs", "twisted")},
     "connproxy.testing": {"allow": ("connproxy.pki", "cryptography")},
+    "connproxy.nodelay": {"allow": ("twisted", "zope")},
+    "connproxy.probes": {"allow": ("connproxy.nodelay", "twisted", "zope", "prometheus_client")},
+    "connproxy.reload": {"allow": ("connproxy.config", "twisted", "zope")},
     "connproxy.proxy": {"allow": ("*",), "forbid": ("connproxy.connector",)},
     "connproxy.connector": {"allow": ("*",), "forbid": ("connproxy.proxy",)},
 }
