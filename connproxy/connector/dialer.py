@@ -215,6 +215,7 @@ class ConnectorService(Service):
             self._connecting.cancel()
         tunnels = [t for t in self.tunnels if not t.lost]
         if not tunnels:
+            self._close_idle_backends()
             return succeed(None)
         grace = float(self.config.shutdown.drain_timeout_seconds)
         self.log.info(
@@ -229,7 +230,17 @@ class ConnectorService(Service):
         done: Deferred[Any] = DeferredList([t.closed for t in tunnels], consumeErrors=True)
         done.addTimeout(grace + 5.0, self.clock)
         done.addErrback(lambda _f: self.log.warn("drain: a tunnel still open after the deadline; stopping anyway"))
+
+        def close_backends(result: object) -> object:
+            self._close_idle_backends()
+            return result
+
+        done.addBoth(close_backends)
         return done
+
+    def _close_idle_backends(self) -> None:
+        """Close the idle keep-alive backend connections of the HTTP gateway (they serve no stream)."""
+        self.dialer.http.pool.close()
 
     def when_up(self) -> Deferred[ConnectorTunnel]:
         """Fire with the tunnel once it is (or if it already is) established (for tests and the demo)."""
