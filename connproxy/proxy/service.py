@@ -70,6 +70,7 @@ class ProxyService(MultiService):
             "tunnel listener",
             SSL4ServerEndpoint(reactor, listener.port, options, interface=listener.bind_address),
             self.tunnel_factory,
+            config_key="servers.businessDataTunnel.port",
         )
         self.tunnel_listener.setServiceParent(self)
         oauth = config.oauth
@@ -96,7 +97,8 @@ class ProxyService(MultiService):
                 audit_writer=audit_writer,
             )
             self.socks_listener = Listener(
-                "SOCKS5 proxy", TCP4ServerEndpoint(reactor, fe.port, interface=config.interface_for(fe)), factory
+                "SOCKS5 proxy", TCP4ServerEndpoint(reactor, fe.port, interface=config.interface_for(fe)), factory,
+                config_key="servers.proxy.socks5.port",
             )
             self.socks_listener.setServiceParent(self)
         if config.http.enabled:
@@ -114,7 +116,7 @@ class ProxyService(MultiService):
             )
             self.http_listener = Listener(
                 "HTTP proxy", TCP4ServerEndpoint(reactor, http.port, interface=config.interface_for(http)),
-                http_factory,
+                http_factory, config_key="servers.proxy.http.port",
             )
             self.http_listener.setServiceParent(self)
 
@@ -124,7 +126,7 @@ class ProxyService(MultiService):
             self.metrics_listener = Listener(
                 "Prometheus metrics",
                 TCP4ServerEndpoint(reactor, config.metrics.port, interface=config.metrics.bind_address),
-                site,
+                site, config_key="metrics.prometheus.port",
             )
             self.metrics_listener.setServiceParent(self)
 
