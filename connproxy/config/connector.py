@@ -183,7 +183,7 @@ CONNECTOR_KEYS: Final[tuple[Key, ...]] = (
           block("prometheus", "The connector's own Prometheus endpoint.",
                 Key("enabled", Bool(), False, "Serve metrics."),
                 Key("port", Port(listener=True), DEFAULT_CONNECTOR_METRICS_PORT, "Metrics port."),
-                Key("bindAddress", BindAddress(), "127.0.0.1", "Address to listen on.", exposes=True))),
+                Key("bindAddress", BindAddress(), "127.0.0.1", "Address to listen on."))),
 )
 
 

@@ -183,7 +183,7 @@ PROXY_KEYS: Final[tuple[Key, ...]] = (
         "(ext_attr.subaccountid, else zid)."),
     Key("subaccountId", Text(), None, "The tenant in dedicated mode (required there; ignored in shared mode).",
         default_text="(required in dedicated mode)"),
-    Key("highAvailabilityMode", Custom(" \\| ".join(HIGH_AVAILABILITY_MODES), _read_high_availability), "off",
+    Key("highAvailabilityMode", Custom(" | ".join(HIGH_AVAILABILITY_MODES), _read_high_availability), "off",
         "How connectors reach one replica of several (see docs/high-availability.md)."),
     block(
         "servers", "The listeners.",
@@ -216,8 +216,10 @@ PROXY_KEYS: Final[tuple[Key, ...]] = (
                 block(
                     "oauth", "JWT verification (required where enableProxyAuthorization is true).",
                     Key("allowedClientId", Custom("string or list of strings", _read_client_ids), (),
-                        "Client ids (client_id, else cid) whose tokens are accepted."),
-                    Key("tokenKeysFile", FilePath(), None, "JWKS file of trusted token keys, read at start-up."),
+                        "Client ids (client_id, else cid) whose tokens are accepted.",
+                        default_text="(required where authorization is on)"),
+                    Key("tokenKeysFile", FilePath(), None, "JWKS file of trusted token keys, read at start-up.",
+                        default_text="(one key source is required where authorization is on)"),
                     Key("tokenKeysUrl", Custom("https URL", _read_token_keys_url), None,
                         "JWKS URL of trusted token keys, fetched on first use and for unknown key ids."),
                     Key("uaaDomain", Custom("domain", _read_uaa_domain), None,

@@ -209,7 +209,7 @@ class Choice(Type):
 
     @property
     def description(self) -> str:  # type: ignore[override]
-        return " \\| ".join(self.choices)
+        return " | ".join(self.choices)
 
     def read(self, section: Section, name: str, value: object) -> Any:
         if not isinstance(value, str) or value not in self.choices:
@@ -331,6 +331,8 @@ class Context:
     bad: set[str] = field(default_factory=set)
     #: Connector: the ``accessControl`` index of each rule kept (rules with problems are left out).
     rule_indexes: list[int] | None = None
+    #: Every section read (for the test that the parser reads every declared key).
+    sections: list[Section] = field(default_factory=list)
 
     def report(self, key_path: str | None, problem: str, file: str | None = None) -> Invalid:
         """Record a problem (``<key path>: <problem>``, `` (<file>)`` appended if given); return :class:`Invalid`
@@ -377,6 +379,9 @@ class Section:
         self.path = path
         self.context = context
         self.keys: dict[str, Key] = {key.name: key for key in keys}
+        #: The declared keys the parser has asked for.
+        self.used: set[str] = set()
+        context.sections.append(self)
         data: dict[str, object] = {}
         if value is None:
             value = {}
@@ -410,6 +415,7 @@ class Section:
         key = self.keys.get(name)
         if key is None:
             raise KeyError(f"{self.at(name)} is read but not declared in the schema")
+        self.used.add(name)
         return key
 
     def raw(self, name: str) -> object:

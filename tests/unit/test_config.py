@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from connproxy.config import (
+    CONNECTOR_KEYS,
+    PROXY_KEYS,
     AccessRule,
     ConfigError,
     ConnectorConfig,
@@ -29,7 +31,12 @@ from connproxy.config import (
     load_connector_config,
     load_proxy_config,
     proxy_config_from_mapping,
+    reference,  # the generator module itself
+    startup_warnings,
 )
+from connproxy.config.connector import build_connector_config
+from connproxy.config.proxy import build_proxy_config
+from connproxy.config.reader import Context, walk
 from connproxy.connector import acl
 from connproxy.pki.state import DEV_SUBACCOUNT
 
@@ -691,3 +698,135 @@ def test_connector_logging_block() -> None:
     assert (config.logging.format, config.logging.level) == ("json", "warn")
     with pytest.raises(ConfigError, match="logging.format"):
         connector_config_from_mapping({"subaccountId": "a", "logging": {"format": "xml"}})
+
+
+# ---------------------------------------------------------------------------------------------- every problem
+
+
+def test_every_problem_is_reported_once_each() -> None:
+    with pytest.raises(ConfigError) as info:
+        _proxy(
+            """\
+            subaccountId: t
+            bogus: 1
+            servers:
+              proxy:
+                http: {port: abc, enableProxyAuthorization: false}
+                socks5: {port: 70000, enableProxyAuthorization: false}
+            tunnel: {maxStreams: 0, pingIntervalSeconds: 40}
+            logging: {format: xml}
+            """
+        )
+    assert info.value.lines == [
+        "bogus: unknown key",
+        "servers.proxy.http.port: expected an integer 1-65535, got 'abc'",
+        "servers.proxy.socks5.port: expected an integer 1-65535, got 70000",
+        "tunnel.maxStreams: expected an integer 1-2147483647, got 0",
+        "logging.format: expected one of console, json, got 'xml'",
+        "tunnel.deadAfterSeconds: must be greater than tunnel.pingIntervalSeconds (30 <= 40)",
+    ]
+    assert info.value.key_path == "bogus"
+    assert [p.key_path for p in info.value.problems][:2] == ["bogus", "servers.proxy.http.port"]
+
+
+def test_cross_field_rules_skip_keys_that_already_had_a_problem() -> None:
+    # the bad port falls back to its default, which must not then be reported as "already used"
+    with pytest.raises(ConfigError) as info:
+        _proxy(TRUSTED + "  businessDataTunnel: {port: 20004.5}\nmetrics: {prometheus: {port: 20003}}\n")
+    assert info.value.lines == [
+        "servers.businessDataTunnel.port: expected an integer 1-65535, got 20004.5",
+        "metrics.prometheus.port: port 20003 is already used by servers.proxy.http.port",
+    ]
+    with pytest.raises(ConfigError) as info:
+        _proxy(TRUSTED + "tunnel: {streamWindowBytes: 1, connectionWindowBytes: 65536}\n")
+    assert info.value.lines == ["tunnel.streamWindowBytes: expected an integer 65536-2147483647, got 1"]
+
+
+def test_a_bad_access_rule_keeps_the_indexes_of_the_others() -> None:
+    with pytest.raises(ConfigError) as info:
+        _connector_with(_rule(protocol="FTP"), _rule(virtualPort=81), _rule(virtualPort=81, internalHost="x"))
+    assert info.value.lines == [
+        "accessControl[0].protocol: expected one of HTTP, HTTPS, TCP, TCP_TLS, got 'FTP'",
+        "accessControl[2]: virtual host erp.internal port 81 is already mapped by accessControl[1]",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- the schema
+
+
+def test_connector_dataclass_defaults_match_parser_defaults() -> None:
+    parsed = connector_config_from_mapping({"subaccountId": "t", "connectorId": "c"})
+    assert parsed == ConnectorConfig(subaccount_id="t", connector_id="c")
+
+
+def _unread_keys(context: Context) -> list[str]:
+    return sorted(section.at(name) for section in context.sections for name in set(section.keys) - section.used)
+
+
+def test_the_parser_reads_every_declared_proxy_key() -> None:
+    context = Context()
+    build_proxy_config(_yaml(CONTRACT_PROXY_YAML), context)
+    assert context.problems == []
+    assert _unread_keys(context) == []
+
+
+def test_the_parser_reads_every_declared_connector_key() -> None:
+    context = Context()
+    data = _yaml(CONTRACT_CONNECTOR_YAML)
+    data["accessControl"].append(_rule(protocol="HTTPS", virtualPort=443, caFile="ca.pem", hostInHeader="internal"))
+    build_connector_config(data, context)
+    assert context.problems == []
+    assert _unread_keys(context) == []
+
+
+def test_configuration_reference_matches_the_schema() -> None:
+    """docs/configuration.md is generated from the key declarations; regenerate it with
+    `python -m connproxy.config.reference > docs/configuration.md`."""
+    document = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert document.read_text(encoding="utf-8") == reference.render()
+
+
+def test_reference_lists_every_key_with_its_default() -> None:
+    text = reference.render()
+    for keys in (PROXY_KEYS, CONNECTOR_KEYS):
+        for path, _ in walk(keys):
+            assert f"| `{path}` |" in text
+    assert "| `servers.proxy.http.allowRemoteConnections` | boolean | `true` |" in text
+    assert "| `servers.businessDataTunnel.bindAddress` | IP address | `0.0.0.0` |" in text
+
+
+# ---------------------------------------------------------------------------------------------- warnings
+
+
+def test_startup_warnings_for_a_proxy_open_to_the_network() -> None:
+    config = _proxy(TRUSTED)
+    assert startup_warnings(config) == [
+        "servers.proxy.http: listens on 0.0.0.0:20003 without proxy authorization: anyone who can reach it can use "
+        "every connector of the tenant (set enableProxyAuthorization: true, or allowRemoteConnections: false for "
+        "loopback only)",
+        "servers.proxy.socks5: listens on 0.0.0.0:20004 without proxy authorization: anyone who can reach it can use "
+        "every connector of the tenant (set enableProxyAuthorization: true, or allowRemoteConnections: false for "
+        "loopback only)",
+        "servers.businessDataTunnel: listens on 0.0.0.0:8042 with the development certificates (tls.certFile, "
+        "keyFile or clientCaFile left out): not for production",
+        "metrics.prometheus: serves /metrics on 0.0.0.0:9494 to the network (bindAddress: 127.0.0.1 for loopback "
+        "only)",
+    ]
+
+
+def test_no_startup_warnings_on_loopback_or_with_authorization_and_files() -> None:
+    assert startup_warnings(embedded_proxy_config()) == []
+    config = _proxy(
+        """\
+        subaccountId: t
+        servers:
+          businessDataTunnel: {tls: {certFile: c.pem, keyFile: k.pem, clientCaFile: ca.pem}}
+          proxy: {authorization: {oauth: {allowedClientId: a, uaaDomain: uaa.example}}}
+        metrics: {prometheus: {bindAddress: 127.0.0.1}}
+        """
+    )
+    assert startup_warnings(config) == []
+    assert startup_warnings(embedded_connector_config()) == [
+        "tls: the connector uses the development certificates (certFile, keyFile or caFile left out): not for "
+        "production"
+    ]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import ast
+import errno
 import importlib
 import io
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
-from twisted.application.service import IServiceMaker
+from twisted.application.service import IServiceMaker, Service
+from twisted.internet.error import CannotListenError
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -114,3 +117,60 @@ class BadConfigTests(SynchronousTestCase):
     def test_missing_file(self) -> None:
         text = self.make("connproxy.proxy.tap", None, self.tmp / "missing.yaml")
         self.assertIn("missing.yaml: cannot read the configuration file", text)
+
+
+class StartupFailureTests(SynchronousTestCase):
+    """Failures after the configuration checked out: a bind failure is one line naming the key; a bug shows its
+    traceback and a line saying it is a bug."""
+
+    def run_failing(self, start: Any) -> tuple[int | str | None, str]:
+        from connproxy import twistd
+
+        class Failing(Service):
+            def privilegedStartService(self) -> None:
+                start()
+
+        service = Failing()
+        twistd.guard_start(service)
+        err = io.StringIO()
+        with mock.patch.object(sys, "__stderr__", err), self.assertRaises(SystemExit) as caught:
+            service.privilegedStartService()
+        return caught.exception.code, err.getvalue()
+
+    def test_bind_failure_is_one_line_naming_the_key(self) -> None:
+        from connproxy.listener import ListenError
+
+        def start() -> None:
+            error = CannotListenError("127.0.0.1", 20003, OSError(errno.EADDRINUSE, "Address already in use"))
+            raise ListenError("servers.proxy.http.port", error)
+
+        code, text = self.run_failing(start)
+        self.assertEqual(code, 2)
+        self.assertEqual(text, "servers.proxy.http.port: port 20003 is already in use (127.0.0.1:20003)\n")
+
+    def test_a_bug_shows_its_traceback_and_says_so(self) -> None:
+        def start() -> None:
+            raise RuntimeError("boom")
+
+        code, text = self.run_failing(start)
+        self.assertEqual(code, 70)
+        self.assertIn("Traceback (most recent call last)", text)
+        self.assertIn("RuntimeError: boom", text)
+        self.assertTrue(text.endswith("failed because of a bug (not a configuration problem); please report it with "
+                                      "the traceback above\n"))
+
+    def test_a_bug_while_building_the_service(self) -> None:
+        from connproxy import twistd
+        from connproxy.config import embedded_proxy_config
+
+        def build(config: Any, reactor: Any) -> Any:
+            raise KeyError("oops")
+
+        options = twistd.ConfigOptions()
+        options.parseOptions([])
+        err = io.StringIO()
+        with mock.patch.object(sys, "__stderr__", err), self.assertRaises(SystemExit) as caught:
+            twistd.make_service(options, lambda path: embedded_proxy_config(), build)
+        self.assertEqual(caught.exception.code, 70)
+        self.assertIn("KeyError: 'oops'", err.getvalue())
+        self.assertIn("building the service failed because of a bug", err.getvalue())
