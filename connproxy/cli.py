@@ -18,16 +18,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
 from connproxy import __version__
 
-__all__ = ["EXIT_ERROR", "EXIT_OK", "build_parser", "main"]
+__all__ = ["EXIT_BUG", "EXIT_ERROR", "EXIT_OK", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_ERROR = 2
+#: A bug (``EX_SOFTWARE``): a traceback and a line saying so.
+EXIT_BUG = 70
 
 _Handler = Callable[[argparse.Namespace], int]
 
@@ -93,6 +96,11 @@ def _config_check(args: argparse.Namespace) -> int:
         for line in exc.lines:
             print(line, file=sys.stderr)
         return EXIT_ERROR
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        print("connproxy config check: failed because of a bug (not a configuration problem); please report it with "
+              "the traceback above", file=sys.stderr)
+        return EXIT_BUG
     print("ok")
     return EXIT_OK
 

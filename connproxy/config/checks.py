@@ -190,7 +190,7 @@ def bind_problem(address: str, port: int) -> str | None:
 
 def describe_bind_error(address: str, port: int, code: int | None, text: str | None) -> str:
     """The problem text for a failed bind of ``address:port`` (also used for the error at start-up)."""
-    where = f"{address}:{port}"
+    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     if code == errno.EADDRINUSE:
         return f"port {port} is already in use ({where})"
     if code in (errno.EACCES, errno.EPERM):

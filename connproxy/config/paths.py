@@ -53,8 +53,8 @@ def path_problem(path: str) -> str | None:
         return "contains a non-standard or overlong escape (%uXXXX, %c0, %c1, ...)"
     candidate = path
     for _ in range(_MAX_DECODINGS):
-        normal = unicodedata.normalize("NFKC", candidate)
-        if _dot_segment(candidate) or _dot_segment(normal):
+        normal = candidate if candidate.isascii() else unicodedata.normalize("NFKC", candidate)
+        if _dot_segment(candidate) or (normal is not candidate and _dot_segment(normal)):
             return "contains a '.' or '..' segment (also percent-encoded or Unicode-normalised)"
         decoded = unquote(normal)
         if decoded == candidate:

@@ -342,3 +342,33 @@ def test_demo_arguments_are_passed(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     assert seen[-1].state_dir == "/s"
     assert _run(capsys, "demo")[0] == 3
     assert seen[-1].state_dir is None
+
+
+def test_check_bug_shows_traceback_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from connproxy import config
+
+    def broken(path: object, *, check_ports: bool) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(config, "verify_proxy_config_file", broken)
+    status, out, err = _run(capsys, "config", "check", "--proxy", str(tmp_path / "p.yaml"))
+    assert (status, out) == (70, "")
+    assert "Traceback" in err and "RuntimeError: boom" in err
+    assert err.endswith("failed because of a bug (not a configuration problem); please report it with the "
+                        "traceback above\n")
+
+
+def test_check_ipv6_port_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    from connproxy.config import bind_problem
+
+    try:
+        taken = socket.socket(socket.AF_INET6)
+        taken.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    with taken:
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert bind_problem("::1", port) == f"port {port} is already in use ([::1]:{port})"
+    assert bind_problem("::1", 0) is None
