@@ -1,5 +1,5 @@
 """The connector's configuration: its keys (declared once, in :data:`CONNECTOR_KEYS`), the parser, the cross-field
-rules and the embedded defaults."""
+rules and the embedded defaults. Adding a key works as in :mod:`connproxy.config.proxy`."""
 
 from __future__ import annotations
 

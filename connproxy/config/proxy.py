@@ -1,5 +1,11 @@
 """The proxy's configuration: its keys (declared once, in :data:`PROXY_KEYS`), the parser, the cross-field rules
-and the embedded defaults."""
+and the embedded defaults.
+
+To add a key: declare it in :data:`PROXY_KEYS` (name, type, default, one-line meaning; the default usually the
+dataclass field's), give the dataclass a field with that default, read it in :func:`build_proxy_config` with
+``section.get("name")``, and regenerate the reference (``python -m connproxy.config.reference >
+docs/configuration.md``). Tests fail if the parser does not read a declared key or the reference is stale.
+"""
 
 from __future__ import annotations
 
