@@ -6,7 +6,7 @@ Sub-commands (see ``contract.md``)::
     connproxy certs connector --dir DIR --subaccount ID [--location LOC] --out PREFIX
     connproxy token --dir DIR --subaccount ID --client-id CID [--ttl S]
     connproxy demo [--state-dir DIR]
-    connproxy config check (--proxy FILE | --connector FILE)
+    connproxy config check (--proxy FILE | --connector FILE) [--skip-ports]
     connproxy probe socks [--location LOC] [--token JWT] HOST:PORT
     connproxy probe http [--location LOC] [--token JWT] URL
 
@@ -20,16 +20,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
 from connproxy import __version__
 
-__all__ = ["EXIT_ERROR", "EXIT_OK", "build_parser", "main"]
+__all__ = ["EXIT_BUG", "EXIT_ERROR", "EXIT_OK", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_ERROR = 2
+#: A bug (``EX_SOFTWARE``): a traceback and a line saying so.
+EXIT_BUG = 70
 
 _Handler = Callable[[argparse.Namespace], int]
 
@@ -81,16 +84,25 @@ def _certs_connector(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    """Everything start-up checks (keys, values, cross-field rules, the files named), plus free listening ports
+    unless ``--skip-ports``; every problem one line on stderr."""
     from connproxy import config
 
+    check_ports = not args.skip_ports
     try:
         if args.proxy is not None:
-            config.load_proxy_config(args.proxy)
+            config.verify_proxy_config_file(args.proxy, check_ports=check_ports)
         else:
-            config.load_connector_config(args.connector)
+            config.verify_connector_config_file(args.connector, check_ports=check_ports)
     except config.ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        for line in exc.lines:
+            print(line, file=sys.stderr)
         return EXIT_ERROR
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        print("connproxy config check: failed because of a bug (not a configuration problem); please report it with "
+              "the traceback above", file=sys.stderr)
+        return EXIT_BUG
     print("ok")
     return EXIT_OK
 
@@ -164,10 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     config_parser = commands.add_parser("config", help="validate configuration files")
     config_commands = config_parser.add_subparsers(dest="config_command", metavar="COMMAND")
-    check = config_commands.add_parser("check", help='load and validate a file; print "ok" or the error')
+    check = config_commands.add_parser(
+        "check",
+        help='validate a file the way start-up would (keys, values, the files it names, free ports); print "ok" '
+        "or one line per problem",
+    )
     which = check.add_mutually_exclusive_group(required=True)
     which.add_argument("--proxy", metavar="FILE", help="a proxy configuration file")
     which.add_argument("--connector", metavar="FILE", help="a connector configuration file")
+    check.add_argument(
+        "--skip-ports", action="store_true",
+        help="do not try to bind the listening ports (for checking the file of a process that is running)",
+    )
     check.set_defaults(handler=_config_check)
 
     from connproxy.probe import add_parser as add_probe_parser

@@ -172,7 +172,8 @@ class Reloader(Generic[C]):
         except (ConfigError, ReloadError, ValueError) as e:
             log.error(
                 "configuration reload ({why}) refused, the running configuration stays: {error}",
-                why=why, error=str(e), key=getattr(e, "key_path", None), path=self.path,
+                why=why, error="; ".join(getattr(e, "lines", None) or [str(e)]), key=getattr(e, "key_path", None),
+                path=self.path,
             )
             self.on_result("error")
             return False

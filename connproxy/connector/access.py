@@ -4,7 +4,7 @@
 :func:`decide` reads a stream's OPEN (kind, virtual host and port, and for ``kind="http"`` the request's method,
 origin-form target and upgrade offer) against the ``accessControl`` list, deny by default:
 
-* the virtual host and port must have a mapping (:meth:`connproxy.config.ConnectorConfig.find_rule`);
+* the virtual host and port must have a mapping (:func:`connproxy.connector.acl.find_rule`);
 * a ``tcp`` stream needs a ``TCP`` or ``TCP_TLS`` mapping, an ``http`` stream an ``HTTP`` or ``HTTPS`` one;
 * an ``http`` stream's path must be admitted by a resource (exact, or with all sub-paths), and an upgrade offer
   by a resource with ``upgradeAllowed``.
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from connproxy.config import AccessRule, ConnectorConfig, Resource
+from connproxy.connector import acl
 from connproxy.obs import audit
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import OpenRequest
@@ -103,18 +104,18 @@ def decide(config: ConnectorConfig, request: OpenRequest) -> Decision:
         wanted: tuple[str, ...] = HTTP_PROTOCOLS
     else:
         wanted = TCP_PROTOCOLS if request.kind == "tcp" else ()
-    rule = config.find_rule(request.host, request.port)
+    rule = acl.find_rule(config, request.host, request.port)
     if rule is None:
         return _deny("no access control rule for this host and port", f"access denied to system {system}", http)
     if rule.protocol not in wanted:
         why = (f"{rule.protocol} mapping does not serve HTTP requests" if http is not None
                else f"{rule.protocol} mapping does not allow {request.kind[:32]} streams")
         return _deny(why, f"access denied to system {system}", http)
-    internal_port = rule.internal_port_for(request.port)
+    internal_port = acl.internal_port_for(rule, request.port)
     if http is None:
         return Decision(True, ErrorCode.NORMAL, f"{rule.protocol} mapping to {rule.internal_host}:{internal_port}",
                         "", rule=rule, internal_port=internal_port)
-    resource = rule.allows_path(http.target)
+    resource = acl.allows_path(rule, http.target)
     denied_path = f"access denied to path {short_path(http.target)} on system {system}"
     if resource is None:
         return _deny("no resource allows this path", denied_path, http)

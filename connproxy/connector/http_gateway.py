@@ -4,7 +4,7 @@
 The proxy opens one ``kind="http"`` stream per request, with the request's method, origin-form target and
 upgrade offer in the OPEN metadata (``meta["http"]``). :class:`HttpGateway` decides on the OPEN, before any body
 travels: the mapping of the virtual host and port must be ``HTTP`` or ``HTTPS``, a resource must admit the path
-(:meth:`connproxy.config.AccessRule.allows_path`: exact or with all sub-paths, case-sensitive, query ignored)
+(:func:`connproxy.connector.acl.allows_path`: exact or with all sub-paths, case-sensitive, query ignored)
 and, for an ``Upgrade`` request, allow upgrades. Every decision is an audit event
 (:func:`connproxy.obs.audit.access_decision`). A refusal is a RESET ``ACCESS_DENIED`` whose reason is the sentence
 the proxy answers with 403: ``access denied to system vhost:vport`` or ``access denied to path /x on system
@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connproxy.config import AccessRule, ConnectorConfig, Resource
+from connproxy.connector import acl
 from connproxy.connector.access import Decision
 from connproxy.connector.backend import OneShotFactory, backend_failed, reset_code_for, track_backend_connect
 from connproxy.http.h11relay import H11Relay, send_event
@@ -363,7 +364,7 @@ class HttpStreamServer(H11Relay):
         if self.rule.host_in_header == "internal":
             host = self.rule.internal_host
             shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-            port = self.rule.internal_port_for(self.virtual_port)
+            port = acl.internal_port_for(self.rule, self.virtual_port)
             default = 443 if self.rule.protocol == "HTTPS" else 80
             value = shown if port == default else f"{shown}:{port}"
             return [(b"host", value.encode("idna" if not value.isascii() else "ascii")),
@@ -464,7 +465,7 @@ class HttpStreamServer(H11Relay):
         old = self._release_backend()
         if old is not None and old.transport is not None:
             old.transport.abortConnection()  # type: ignore[attr-defined]
-        d = self.gateway.connect_backend(self.rule, self.rule.internal_port_for(self.virtual_port), fresh=True)
+        d = self.gateway.connect_backend(self.rule, acl.internal_port_for(self.rule, self.virtual_port), fresh=True)
 
         def ready(backend: HttpBackend) -> None:
             request = self._sent_request

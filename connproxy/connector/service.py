@@ -21,7 +21,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger
 
 from connproxy import reload
-from connproxy.config import ConnectorConfig, load_connector_config
+from connproxy.config import ConnectorConfig, verify_connector_config_file
 from connproxy.connector.dialer import ConnectorService, make_connector_service
 from connproxy.listener import Listener
 from connproxy.obs import audit
@@ -70,7 +70,7 @@ class ConnectorProcess(MultiService):
         self._process_control = True
         if config_path is not None:
             self.reloader = reload.Reloader(
-                self.reactor, config_path, load_connector_config, self.apply_config,
+                self.reactor, config_path, verify_connector_config_file, self.apply_config,
                 lambda result: self.connector.metrics.reloads.labels(result).inc(),
             )
 

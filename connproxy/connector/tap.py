@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.application.service import IService
 
-from connproxy.config import embedded_connector_config, load_connector_config
+from connproxy.config import verify_connector_config_file
 from connproxy.twistd import ConfigOptions, make_service
 
 
@@ -16,4 +16,4 @@ def makeService(options: Options) -> IService:
     """The connector service for ``--config`` (see :func:`connproxy.twistd.make_service`)."""
     from connproxy.connector.service import make_connector_process
 
-    return make_service(options, load_connector_config, embedded_connector_config, make_connector_process)
+    return make_service(options, verify_connector_config_file, make_connector_process)

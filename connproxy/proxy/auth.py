@@ -46,7 +46,6 @@ from typing import Any, Final, Literal, NoReturn, TypeGuard, get_args
 from urllib.parse import urlsplit
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.types import Options
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
@@ -56,6 +55,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+
+from connproxy.config import TENANT_MODES, token_keys_url_problem, uaa_domain_problem
+from connproxy.pki.jwks import ALLOWED_ALGORITHMS, MAX_JWKS_BYTES, JwksError, read_jwks_file, usable_jwks
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -201,16 +203,11 @@ class Caller:
 # --------------------------------------------------------------------------------------------------------
 # claims helpers
 
-#: Signing algorithms accepted for proxy tokens: asymmetric only (XSUAA issues RS256).
-ALLOWED_ALGORITHMS: Final[frozenset[str]] = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
-)
 _EC_CURVE_OF_ALG: Final[Mapping[str, str]] = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
-_MIN_RSA_BITS: Final = 2048
 
 DEFAULT_LEEWAY_SECONDS: Final = 30
 DEFAULT_MAX_TOKEN_BYTES: Final = 16384
-DEFAULT_MAX_JWKS_BYTES: Final = 1 << 20
+DEFAULT_MAX_JWKS_BYTES: Final = MAX_JWKS_BYTES
 DEFAULT_FETCH_TIMEOUT_SECONDS: Final = 10.0
 DEFAULT_MIN_REFETCH_SECONDS: Final = 30.0
 DEFAULT_MAX_KEY_URLS: Final = 64
@@ -352,61 +349,13 @@ class _Jwk:
         return key
 
 
-def _usable_jwk(data: object) -> _Jwk | None:
-    """A JWKS member as a trusted verification key, or ``None`` if it is not usable.
-
-    Usable: a JSON object with a string ``kid``, ``use`` absent or ``sig``, ``kty`` RSA (at least 2048 bits) or
-    EC (P-256/384/521), holding a public key only, and, if it declares ``alg``, an allowed one.
-    """
-    if not isinstance(data, dict):
-        return None
-    kid = data.get("kid")
-    if not isinstance(kid, str) or not kid:
-        return None
-    if data.get("use", "sig") != "sig" or data.get("kty") not in ("RSA", "EC"):
-        return None
-    if "d" in data:  # a private key has no place in a trust store
-        return None
-    declared = data.get("alg")
-    if declared is not None and declared not in ALLOWED_ALGORITHMS:
-        return None
-    try:
-        parsed = jwt.PyJWK(data).key
-    except (jwt.PyJWTError, ValueError, TypeError):
-        return None
-    if isinstance(parsed, rsa.RSAPublicKey):
-        if parsed.key_size < _MIN_RSA_BITS:
-            return None
-    elif not isinstance(parsed, ec.EllipticCurvePublicKey):
-        return None
-    return _Jwk(kid=kid, data=dict(data))
-
-
-class JwksError(ValueError):
-    """A JWKS document is unusable (not JSON, not ``{"keys": [...]}``, or no usable key)."""
-
-
 def _parse_jwks(body: bytes) -> dict[str, _Jwk]:
-    """The usable keys of a JWKS document (``{"keys": [...]}``), by ``kid``.
-
-    Unusable members are skipped (see :func:`_usable_jwk`); for a repeated ``kid`` the first usable one wins.
+    """The usable keys of a JWKS document by ``kid`` (see :func:`connproxy.pki.jwks.usable_jwks`, the one rule
+    that the configuration check applies to ``tokenKeysFile`` too).
 
     :raises JwksError: not a JSON object with a ``keys`` list, or no usable key in it.
     """
-    try:
-        document = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise JwksError("the JWKS is not JSON") from error
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise JwksError('the JWKS is not an object with a "keys" list')
-    keys: dict[str, _Jwk] = {}
-    for member in document["keys"]:
-        key = _usable_jwk(member)
-        if key is not None and key.kid not in keys:
-            keys[key.kid] = key
-    if not keys:
-        raise JwksError("the JWKS holds no usable signature verification key")
-    return keys
+    return {kid: _Jwk(kid=kid, data=data) for kid, data in usable_jwks(body).items()}
 
 
 #: Fetches a URL and fires with the response body (status 200 only), or fails. The KeyStore applies the
@@ -653,20 +602,22 @@ class KeyStore:
             self._file_keys = self._read_file(Path(token_keys_file))
 
         self._configured: _RemoteKeySet | None = None
+        # The configuration (connproxy.config) has already applied these rules to a configured proxy; they are
+        # applied again here, by the same functions, only for stores built directly (tests, tools).
         if token_keys_url is not None:
             checked = _url_scheme_and_host(token_keys_url)
-            if checked is None or not self._scheme_allowed(*checked):
-                raise ValueError(
-                    f"tokenKeysUrl {token_keys_url!r} must be an https URL"
-                    + (" (or http to a loopback host)" if allow_insecure_loopback else "")
-                )
+            test_loopback = checked is not None and checked[0] == "http" and self._scheme_allowed(*checked)
+            problem = None if test_loopback else token_keys_url_problem(token_keys_url)
+            if problem is not None:
+                raise ValueError(f"tokenKeysUrl: {problem}")
             self._configured = _RemoteKeySet(token_keys_url)
 
         self._uaa_domain: str | None = None
         if uaa_domain is not None:
             domain = uaa_domain.strip().strip(".").lower()
-            if not domain or not re.fullmatch(r"[a-z0-9.-]+", domain) or ".." in domain:
-                raise ValueError(f"uaaDomain {uaa_domain!r} is not a host name")
+            problem = uaa_domain_problem(domain)
+            if problem is not None:
+                raise ValueError(f"uaaDomain: {problem}")
             self._uaa_domain = domain
         self._jku_sets: OrderedDict[str, _RemoteKeySet] = OrderedDict()
 
@@ -676,14 +627,9 @@ class KeyStore:
 
     def _read_file(self, path: Path) -> dict[str, _Jwk]:
         try:
-            with path.open("rb") as f:
-                body = f.read(self._max_jwks_bytes + 1)
+            keys = {kid: _Jwk(kid=kid, data=data) for kid, data in read_jwks_file(path, self._max_jwks_bytes).items()}
         except OSError as error:
             raise ValueError(f"tokenKeysFile {str(path)!r} cannot be read: {error.strerror}") from None
-        if len(body) > self._max_jwks_bytes:
-            raise ValueError(f"tokenKeysFile {str(path)!r} is larger than {self._max_jwks_bytes} bytes")
-        try:
-            keys = _parse_jwks(body)
         except JwksError as error:
             raise ValueError(f"tokenKeysFile {str(path)!r}: {error}") from None
         self._log.info("loaded {count} token keys from {path}", count=len(keys), path=str(path))
@@ -943,9 +889,6 @@ class TokenVerifier:
 
 # --------------------------------------------------------------------------------------------------------
 # the mode matrix
-
-TENANT_MODES: Final = ("dedicated", "shared")
-
 
 def _check_mode(tenant_mode: str, subaccount_id: str | None) -> None:
     """:raises ValueError: unknown ``tenant_mode``, or ``dedicated`` without ``subaccount_id``."""

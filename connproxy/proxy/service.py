@@ -24,7 +24,7 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.logger import Logger
 
 from connproxy import reload
-from connproxy.config import FrontEndConfig, ProxyConfig, load_proxy_config
+from connproxy.config import FrontEndConfig, ProxyConfig, verify_proxy_config_file
 from connproxy.listener import Listener
 from connproxy.obs import audit
 from connproxy.pki import tls
@@ -113,6 +113,7 @@ class ProxyService(MultiService):
             SSL4ServerEndpoint(reactor, listener.port, options, backlog=config.client_connection.listen_backlog,
                                interface=listener.bind_address),
             self.tunnel_factory,
+            config_key="servers.businessDataTunnel.port",
         )
         self.tunnel_listener.setServiceParent(self)
         oauth = config.oauth
@@ -145,7 +146,7 @@ class ProxyService(MultiService):
                 "SOCKS5 proxy",
                 TCP4ServerEndpoint(reactor, fe.port, backlog=config.client_connection.listen_backlog,
                                    interface=config.interface_for(fe)),
-                factory,
+                factory, config_key="servers.proxy.socks5.port",
             )
             self.socks_listener.setServiceParent(self)
             self.front_ends["socks5"] = (fe, factory)
@@ -170,7 +171,7 @@ class ProxyService(MultiService):
                 "HTTP proxy",
                 TCP4ServerEndpoint(reactor, http.port, backlog=config.client_connection.listen_backlog,
                                    interface=config.interface_for(http)),
-                http_factory,
+                http_factory, config_key="servers.proxy.http.port",
             )
             self.http_listener.setServiceParent(self)
             self.front_ends["http"] = (http, http_factory)
@@ -181,7 +182,7 @@ class ProxyService(MultiService):
             self.metrics_listener = Listener(
                 "Prometheus metrics",
                 TCP4ServerEndpoint(reactor, config.metrics.port, interface=config.metrics.bind_address),
-                site,
+                site, config_key="metrics.prometheus.port",
             )
             self.metrics_listener.setServiceParent(self)
 
@@ -235,7 +236,7 @@ class ProxyService(MultiService):
         self.config_path = config_path
         if config_path is not None:
             self.reloader = reload.Reloader(
-                self.reactor, config_path, load_proxy_config, self.apply_config,
+                self.reactor, config_path, verify_proxy_config_file, self.apply_config,
                 lambda result: self.metrics.reloads.labels(result).inc(),
                 extra_files=self._watched_key_files,
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.application.service import IService
 
-from connproxy.config import embedded_proxy_config, load_proxy_config
+from connproxy.config import verify_proxy_config_file
 from connproxy.twistd import ConfigOptions, make_service
 
 
@@ -16,4 +16,4 @@ def makeService(options: Options) -> IService:
     """The proxy service for ``--config`` (see :func:`connproxy.twistd.make_service`)."""
     from connproxy.proxy.service import ProxyService
 
-    return make_service(options, load_proxy_config, embedded_proxy_config, ProxyService)
+    return make_service(options, verify_proxy_config_file, ProxyService)

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
-from hypothesis import strategies as st
 
 from connproxy.config import (
+    CONNECTOR_KEYS,
+    PROXY_KEYS,
     AccessRule,
     ConfigError,
     ConnectorConfig,
@@ -31,7 +31,13 @@ from connproxy.config import (
     load_connector_config,
     load_proxy_config,
     proxy_config_from_mapping,
+    reference,  # the generator module itself
+    startup_warnings,
 )
+from connproxy.config.connector import build_connector_config
+from connproxy.config.proxy import build_proxy_config
+from connproxy.config.reader import Context, walk
+from connproxy.connector import acl
 from connproxy.pki.state import DEV_SUBACCOUNT
 
 # The samples from contract.md, verbatim.
@@ -192,7 +198,7 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
 
 
 def test_empty_document_needs_subaccount() -> None:
-    with pytest.raises(ConfigError, match="^subaccountId is required if tenantMode is dedicated$"):
+    with pytest.raises(ConfigError, match="^subaccountId: is required if tenantMode is dedicated\n"):
         proxy_config_from_mapping(None)
 
 
@@ -229,9 +235,7 @@ def test_oauth_client_id_list_and_sources() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:8080/keys", "http://localhost/keys", "http://[::1]:1/k", "https://x.example/k"]
-)
+@pytest.mark.parametrize("url", ["https://x.example/k", "https://127.0.0.1:8443/keys", "HTTPS://[::1]:1/k"])
 def test_token_keys_url_allowed(url: str) -> None:
     config = _proxy(
         f"""\
@@ -310,7 +314,7 @@ def test_replace_builds_variants() -> None:
     assert not variant.http.allow_connect
     assert isinstance(variant.http, HttpFrontEndConfig)
     check_proxy_config(variant)
-    with pytest.raises(ConfigError, match="allowedClientId is required"):
+    with pytest.raises(ConfigError, match="allowedClientId: is required"):
         check_proxy_config(dataclasses.replace(config, socks5=dataclasses.replace(config.socks5, enable_proxy_authorization=True)))
 
 
@@ -429,15 +433,15 @@ def test_error_carries_the_key_path() -> None:
 AUTH_ERRORS = [
     (
         "subaccountId: t",
-        "servers.proxy.authorization.oauth.allowedClientId is required if enableProxyAuthorization is true (servers.proxy.http)",
+        "servers.proxy.authorization.oauth.allowedClientId: is required if enableProxyAuthorization is true (servers.proxy.http, servers.proxy.socks5)",
     ),
     (
         "subaccountId: t\nservers: {proxy: {http: {enabled: false}}}",
-        "servers.proxy.authorization.oauth.allowedClientId is required if enableProxyAuthorization is true (servers.proxy.socks5)",
+        "servers.proxy.authorization.oauth.allowedClientId: is required if enableProxyAuthorization is true (servers.proxy.socks5)",
     ),
     (
         "subaccountId: t\nservers: {proxy: {authorization: {oauth: {tokenKeysFile: k.json}}}}",
-        "servers.proxy.authorization.oauth.allowedClientId is required",
+        "servers.proxy.authorization.oauth.allowedClientId: is required",
     ),
     (
         "subaccountId: t\nservers: {proxy: {authorization: {oauth: {allowedClientId: c}}}}",
@@ -447,16 +451,21 @@ AUTH_ERRORS = [
     ("servers: {proxy: {authorization: {oauth: {allowedClientId: [a, '']}}}}", "servers.proxy.authorization.oauth.allowedClientId[1]: expected a non-empty string, got ''"),
     ("servers: {proxy: {authorization: {oauth: {allowedClientId: [a, 3]}}}}", "servers.proxy.authorization.oauth.allowedClientId[1]: expected a non-empty string, got 3"),
     ("servers: {proxy: {authorization: {oauth: {allowedClientId: {a: b}}}}}", "servers.proxy.authorization.oauth.allowedClientId: expected a string or a non-empty list"),
-    ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'http://uaa.example/keys'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: must use https:// (http:// is allowed only for 127.0.0.1, ::1 or localhost)"),
-    ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'ftp://uaa.example/keys'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: expected an https:// URL"),
-    ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'uaa.example/keys'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: expected an https:// URL"),
+    ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'http://uaa.example/keys'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: must be an https:// URL, got 'http://uaa.example/keys'"),
+    # http to loopback too: the proxy's key store allows it only in tests (KeyStore(allow_insecure_loopback=True))
+    ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'http://127.0.0.1/keys'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: must be an https:// URL, got 'http://127.0.0.1/keys'"),
+    ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'http://localhost:8080/k'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: must be an https:// URL"),
+    ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'ftp://uaa.example/keys'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: must be an https:// URL"),
+    ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'uaa.example/keys'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: must be an https:// URL"),
+    ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'https://u:p@uaa.example/keys'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: must not contain user information"),
+    ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'https://uaa.example/k eys'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: not a valid URL"),
     ("servers: {proxy: {authorization: {oauth: {tokenKeysUrl: 'https://x:99999/'}}}}", "servers.proxy.authorization.oauth.tokenKeysUrl: not a valid URL"),
     ("servers: {proxy: {authorization: {oauth: {uaaDomain: 'https://auth.example'}}}}", "servers.proxy.authorization.oauth.uaaDomain: expected a bare domain"),
     ("servers: {proxy: {authorization: {oauth: {uaaDomain: 'auth.example/x'}}}}", "servers.proxy.authorization.oauth.uaaDomain: expected a bare domain"),
     ("servers: {proxy: {authorization: {oauth: {uaaDomain: 'auth.example:443'}}}}", "servers.proxy.authorization.oauth.uaaDomain: expected a bare domain"),
     ("servers: {proxy: {authorization: {oauth: {leewaySeconds: -1}}}}", "servers.proxy.authorization.oauth.leewaySeconds: expected an integer >= 0, got -1"),
     ("servers: {proxy: {authorization: {oauth: {leewaySeconds: 1.5}}}}", "servers.proxy.authorization.oauth.leewaySeconds: expected an integer >= 0, got 1.5"),
-    ("tenantMode: dedicated", "subaccountId is required if tenantMode is dedicated"),
+    ("tenantMode: dedicated", "subaccountId: is required if tenantMode is dedicated"),
 ]
 
 
@@ -543,7 +552,7 @@ def test_connector_defaults() -> None:
     assert config.reconnect.fast_retries == 3
     assert config.backend.connect_timeout_seconds == 10
     assert config.access_control == ()
-    assert config.find_rule("erp.internal", 80) is None
+    assert acl.find_rule(config, "erp.internal", 80) is None
     assert config == ConnectorConfig(subaccount_id="t")
 
 
@@ -564,9 +573,9 @@ def test_contract_connector_sample(tmp_path: Path) -> None:
         ca_file=None,
         resources=(Resource("/api", all_sub_paths=True, upgrade_allowed=False),),
     )
-    assert config.find_rule("ERP.Internal", 80) is rule
-    assert config.find_rule("erp.internal", 81) is None
-    assert rule.internal_port_for(80) == 8080
+    assert acl.find_rule(config, "ERP.Internal", 80) is rule
+    assert acl.find_rule(config, "erp.internal", 81) is None
+    assert acl.internal_port_for(rule, 80) == 8080
 
 
 def test_connector_server_name_and_ids() -> None:
@@ -652,138 +661,6 @@ def test_connector_errors(data: dict[str, Any], message: str) -> None:
     assert str(info.value).startswith(message), str(info.value)
 
 
-# ---------------------------------------------------------------------------------------------- access rules
-
-
-def test_range_mapping() -> None:
-    config = _connector_with(
-        _rule(protocol="TCP", virtualPort="5000-5009", internalPort="6000-6009"),
-        _rule(protocol="TCP_TLS", virtualPort=" 7000 - 7001 ", internalHost="db.local"),
-        _rule(virtualPort="8080", internalPort=80),
-    )
-    tcp, tls, http = config.access_control
-    assert (tcp.virtual_ports, tcp.internal_ports) == ((5000, 5009), (6000, 6009))
-    assert tcp.internal_port_for(5000) == 6000
-    assert tcp.internal_port_for(5009) == 6009
-    assert tls.internal_ports == (7000, 7001)  # omitted: same as virtual
-    assert http.virtual_ports == (8080, 8080)
-    assert http.internal_port_for(8080) == 80
-    assert config.find_rule("erp.internal", 5005) is tcp
-    assert config.find_rule("erp.internal", 5010) is None
-    assert config.find_rule("erp.internal", 7001) is tls
-    with pytest.raises(ValueError, match="outside"):
-        tcp.internal_port_for(4999)
-
-
-@given(
-    first=st.integers(1, 65535),
-    length=st.integers(0, 100),
-    internal=st.integers(1, 65535),
-    offset=st.integers(0, 100),
-)
-def test_range_mapping_property(first: int, length: int, internal: int, offset: int) -> None:
-    last = min(first + length, 65535)
-    internal_last = internal + (last - first)
-    if internal_last > 65535:
-        return
-    config = _connector_with(
-        _rule(protocol="TCP", virtualPort=f"{first}-{last}", internalPort=f"{internal}-{internal_last}")
-    )
-    (rule,) = config.access_control
-    port = first + offset
-    if port <= last:
-        assert rule.matches("erp.internal", port)
-        assert rule.internal_port_for(port) == internal + offset
-    else:
-        assert config.find_rule("erp.internal", port) is None
-
-
-@pytest.mark.parametrize(
-    ("configured", "asked", "matches"),
-    [
-        ("erp.internal", "ERP.INTERNAL", True),
-        ("ERP.internal", "erp.internal.", True),
-        ("erp.internal", "erp.internal2", False),
-        ("10.0.0.1", "10.0.0.1", True),
-        ("10.0.0.1", "10.0.0.01", False),
-        ("::1", "[::1]", True),
-        ("[2001:db8::1]", "2001:DB8:0:0::1", True),
-    ],
-)
-def test_virtual_host_matching(configured: str, asked: str, matches: bool) -> None:
-    config = _connector_with(_rule(virtualHost=configured))
-    assert (config.find_rule(asked, 80) is not None) is matches
-
-
-RESOURCES = [
-    {"path": "/api", "allSubPaths": True},
-    {"path": "/exact"},
-    {"path": "/ws/", "allSubPaths": True, "upgradeAllowed": True},
-]
-
-
-@pytest.mark.parametrize(
-    ("path", "allowed"),
-    [
-        ("/api", "/api"),
-        ("/api/", "/api"),
-        ("/api/x/y", "/api"),
-        ("/api?x=1", "/api"),
-        ("/api/x?y=/../z", "/api"),
-        ("/api#frag", None),  # a fragment never belongs in a request target
-        ("/apix", None),
-        ("/API", None),
-        ("/exact", "/exact"),
-        ("/exact?q", "/exact"),
-        ("/exact/", None),
-        ("/exact/sub", None),
-        ("/ws/", "/ws/"),
-        ("/ws/chat", "/ws/"),
-        ("/ws", None),
-        ("/", None),
-        ("", None),
-        ("api", None),
-        ("*", None),
-        ("http://erp.internal/api", None),
-        ("/api/../admin", None),
-        ("/api/./x", None),
-        ("/api/%2e%2e/admin", None),
-        ("/api/%252e%252e/admin", None),  # decoded twice by some backends
-        ("/api/%u002e%u002e/admin", None),  # IIS-style %u encoding
-        ("/api/%c0%ae%c0%ae/admin", None),  # overlong UTF-8 dots
-        ("/api/%2E%2E%2fadmin", None),
-        ("/api/..%2Fadmin", None),
-        ("/api/..;/admin", None),
-        ("/api\\..\\admin", None),
-        ("/api/..x/y", "/api"),
-    ],
-)
-def test_allows_path(path: str, allowed: str | None) -> None:
-    (rule,) = _connector_with(_rule(resources=RESOURCES)).access_control
-    resource = rule.allows_path(path)
-    assert (resource.path if resource else None) == allowed
-
-
-def test_allows_path_returns_the_resource_flags() -> None:
-    (rule,) = _connector_with(_rule(resources=RESOURCES)).access_control
-    resource = rule.allows_path("/ws/x")
-    assert resource == Resource("/ws/", all_sub_paths=True, upgrade_allowed=True)
-
-
-def test_root_with_sub_paths_allows_everything() -> None:
-    (rule,) = _connector_with(_rule(resources=[{"path": "/", "allSubPaths": True}])).access_control
-    for path in ("/", "", "/a", "/a/b?c"):
-        assert rule.allows_path(path) is not None
-
-
-def test_no_resources_allows_nothing() -> None:
-    (rule,) = _connector_with(_rule()).access_control
-    assert rule.resources == ()
-    assert rule.allows_path("/") is None
-    (tcp,) = _connector_with(_rule(protocol="TCP")).access_control
-    assert tcp.allows_path("/") is None
-
-
 def test_rule_options_and_paths(tmp_path: Path) -> None:
     config = connector_config_from_mapping(
         {
@@ -821,3 +698,135 @@ def test_connector_logging_block() -> None:
     assert (config.logging.format, config.logging.level) == ("json", "warn")
     with pytest.raises(ConfigError, match="logging.format"):
         connector_config_from_mapping({"subaccountId": "a", "logging": {"format": "xml"}})
+
+
+# ---------------------------------------------------------------------------------------------- every problem
+
+
+def test_every_problem_is_reported_once_each() -> None:
+    with pytest.raises(ConfigError) as info:
+        _proxy(
+            """\
+            subaccountId: t
+            bogus: 1
+            servers:
+              proxy:
+                http: {port: abc, enableProxyAuthorization: false}
+                socks5: {port: 70000, enableProxyAuthorization: false}
+            tunnel: {maxStreams: 0, pingIntervalSeconds: 40}
+            logging: {format: xml}
+            """
+        )
+    assert info.value.lines == [
+        "bogus: unknown key",
+        "servers.proxy.http.port: expected an integer 1-65535, got 'abc'",
+        "servers.proxy.socks5.port: expected an integer 1-65535, got 70000",
+        "tunnel.maxStreams: expected an integer 1-2147483647, got 0",
+        "logging.format: expected one of console, json, got 'xml'",
+        "tunnel.deadAfterSeconds: must be greater than tunnel.pingIntervalSeconds (30 <= 40)",
+    ]
+    assert info.value.key_path == "bogus"
+    assert [p.key_path for p in info.value.problems][:2] == ["bogus", "servers.proxy.http.port"]
+
+
+def test_cross_field_rules_skip_keys_that_already_had_a_problem() -> None:
+    # the bad port falls back to its default, which must not then be reported as "already used"
+    with pytest.raises(ConfigError) as info:
+        _proxy(TRUSTED + "  businessDataTunnel: {port: 20004.5}\nmetrics: {prometheus: {port: 20003}}\n")
+    assert info.value.lines == [
+        "servers.businessDataTunnel.port: expected an integer 1-65535, got 20004.5",
+        "metrics.prometheus.port: port 20003 is already used by servers.proxy.http.port",
+    ]
+    with pytest.raises(ConfigError) as info:
+        _proxy(TRUSTED + "tunnel: {streamWindowBytes: 1, connectionWindowBytes: 65536}\n")
+    assert info.value.lines == ["tunnel.streamWindowBytes: expected an integer 65536-2147483647, got 1"]
+
+
+def test_a_bad_access_rule_keeps_the_indexes_of_the_others() -> None:
+    with pytest.raises(ConfigError) as info:
+        _connector_with(_rule(protocol="FTP"), _rule(virtualPort=81), _rule(virtualPort=81, internalHost="x"))
+    assert info.value.lines == [
+        "accessControl[0].protocol: expected one of HTTP, HTTPS, TCP, TCP_TLS, got 'FTP'",
+        "accessControl[2]: virtual host erp.internal port 81 is already mapped by accessControl[1]",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- the schema
+
+
+def test_connector_dataclass_defaults_match_parser_defaults() -> None:
+    parsed = connector_config_from_mapping({"subaccountId": "t", "connectorId": "c"})
+    assert parsed == ConnectorConfig(subaccount_id="t", connector_id="c")
+
+
+def _unread_keys(context: Context) -> list[str]:
+    return sorted(section.at(name) for section in context.sections for name in set(section.keys) - section.used)
+
+
+def test_the_parser_reads_every_declared_proxy_key() -> None:
+    context = Context()
+    build_proxy_config(_yaml(CONTRACT_PROXY_YAML), context)
+    assert context.problems == []
+    assert _unread_keys(context) == []
+
+
+def test_the_parser_reads_every_declared_connector_key() -> None:
+    context = Context()
+    data = _yaml(CONTRACT_CONNECTOR_YAML)
+    data["accessControl"].append(_rule(protocol="HTTPS", virtualPort=443, caFile="ca.pem", hostInHeader="internal"))
+    build_connector_config(data, context)
+    assert context.problems == []
+    assert _unread_keys(context) == []
+
+
+def test_configuration_reference_matches_the_schema() -> None:
+    """docs/configuration.md is generated from the key declarations; regenerate it with
+    `python -m connproxy.config.reference > docs/configuration.md`."""
+    document = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert document.read_text(encoding="utf-8") == reference.render()
+
+
+def test_reference_lists_every_key_with_its_default() -> None:
+    text = reference.render()
+    for keys in (PROXY_KEYS, CONNECTOR_KEYS):
+        for path, _ in walk(keys):
+            assert f"| `{path}` |" in text
+    assert "| `servers.proxy.http.allowRemoteConnections` | boolean | `true` |" in text
+    assert "| `servers.businessDataTunnel.bindAddress` | IP address | `0.0.0.0` |" in text
+
+
+# ---------------------------------------------------------------------------------------------- warnings
+
+
+def test_startup_warnings_for_a_proxy_open_to_the_network() -> None:
+    config = _proxy(TRUSTED)
+    assert startup_warnings(config) == [
+        "servers.proxy.http: listens on 0.0.0.0:20003 without proxy authorization: anyone who can reach it can use "
+        "every connector of the tenant (set enableProxyAuthorization: true, or allowRemoteConnections: false for "
+        "loopback only)",
+        "servers.proxy.socks5: listens on 0.0.0.0:20004 without proxy authorization: anyone who can reach it can use "
+        "every connector of the tenant (set enableProxyAuthorization: true, or allowRemoteConnections: false for "
+        "loopback only)",
+        "servers.businessDataTunnel: listens on 0.0.0.0:8042 with the development certificates (tls.certFile, "
+        "keyFile or clientCaFile left out): not for production",
+        "metrics.prometheus: serves /metrics on 0.0.0.0:9494 to the network (bindAddress: 127.0.0.1 for loopback "
+        "only)",
+    ]
+
+
+def test_no_startup_warnings_on_loopback_or_with_authorization_and_files() -> None:
+    assert startup_warnings(embedded_proxy_config()) == []
+    config = _proxy(
+        """\
+        subaccountId: t
+        servers:
+          businessDataTunnel: {tls: {certFile: c.pem, keyFile: k.pem, clientCaFile: ca.pem}}
+          proxy: {authorization: {oauth: {allowedClientId: a, uaaDomain: uaa.example}}}
+        metrics: {prometheus: {bindAddress: 127.0.0.1}}
+        """
+    )
+    assert startup_warnings(config) == []
+    assert startup_warnings(embedded_connector_config()) == [
+        "tls: the connector uses the development certificates (certFile, keyFile or caFile left out): not for "
+        "production"
+    ]

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import ast
+import errno
 import importlib
+import io
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
-from twisted.application.service import IServiceMaker
+from twisted.application.service import IServiceMaker, Service
+from twisted.internet.error import CannotListenError
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -74,36 +80,97 @@ class PackagingTests(SynchronousTestCase):
 
 
 class BadConfigTests(SynchronousTestCase):
+    """A bad configuration stops makeService with exit status 2 and one line per problem on stderr, no traceback."""
+
     def setUp(self) -> None:
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
         self.tmp = Path(tmp.name)
 
-    def make(self, module_name: str, yaml_text: str) -> usage.UsageError:
-        path = self.tmp / "config.yaml"
-        path.write_text(yaml_text, encoding="utf-8")
+    def make(self, module_name: str, yaml_text: str | None, path: Path | None = None) -> str:
+        if path is None:
+            path = self.tmp / "config.yaml"
+            path.write_text(yaml_text or "", encoding="utf-8")
         module = importlib.import_module(module_name)
         options = module.Options()
         options.parseOptions(["--config", str(path)])
-        with self.assertRaises(usage.UsageError) as caught:
+        err = io.StringIO()
+        with mock.patch.object(sys, "__stderr__", err), self.assertRaises(SystemExit) as caught:
             module.makeService(options)
-        return caught.exception
+        self.assertEqual(caught.exception.code, 2)
+        text = err.getvalue()
+        self.assertNotIn("Traceback", text)
+        return text
 
     def test_proxy_unknown_key_is_named(self) -> None:
-        error = self.make("connproxy.proxy.tap", "tenantMode: dedicated\nsubaccountId: t\nbogusKey: 1\n")
-        self.assertIn("bogusKey", str(error))
+        text = self.make("connproxy.proxy.tap", "tenantMode: dedicated\nsubaccountId: t\nbogusKey: 1\n")
+        self.assertIn("bogusKey: unknown key\n", text)
 
     def test_proxy_bad_value_is_named_with_its_path(self) -> None:
-        error = self.make("connproxy.proxy.tap", "servers:\n  proxy:\n    socks5:\n      port: 99999\n")
-        self.assertIn("servers.proxy.socks5.port", str(error))
+        text = self.make("connproxy.proxy.tap", "servers:\n  proxy:\n    socks5:\n      port: 99999\n")
+        self.assertIn("servers.proxy.socks5.port: expected an integer 1-65535, got 99999\n", text)
 
     def test_connector_bad_value_is_named_with_its_path(self) -> None:
-        error = self.make("connproxy.connector.tap", "subaccountId: t\nreconnect:\n  fastRetries: -3\n")
-        self.assertIn("reconnect.fastRetries", str(error))
+        text = self.make("connproxy.connector.tap", "subaccountId: t\nreconnect:\n  fastRetries: -3\n")
+        self.assertEqual(text, "reconnect.fastRetries: expected an integer >= 0, got -3\n")
 
-    def test_missing_file_is_a_usage_error(self) -> None:
-        options = importlib.import_module("connproxy.proxy.tap").Options()
-        options.parseOptions(["--config", str(self.tmp / "missing.yaml")])
-        with self.assertRaises(usage.UsageError) as caught:
-            importlib.import_module("connproxy.proxy.tap").makeService(options)
-        self.assertIn("missing.yaml", str(caught.exception))
+    def test_missing_file(self) -> None:
+        text = self.make("connproxy.proxy.tap", None, self.tmp / "missing.yaml")
+        self.assertIn("missing.yaml: cannot read the configuration file", text)
+
+
+class StartupFailureTests(SynchronousTestCase):
+    """Failures after the configuration checked out: a bind failure is one line naming the key; a bug shows its
+    traceback and a line saying it is a bug."""
+
+    def run_failing(self, start: Any) -> tuple[int | str | None, str]:
+        from connproxy import twistd
+
+        class Failing(Service):
+            def privilegedStartService(self) -> None:
+                start()
+
+        service = Failing()
+        twistd.guard_start(service)
+        err = io.StringIO()
+        with mock.patch.object(sys, "__stderr__", err), self.assertRaises(SystemExit) as caught:
+            service.privilegedStartService()
+        return caught.exception.code, err.getvalue()
+
+    def test_bind_failure_is_one_line_naming_the_key(self) -> None:
+        from connproxy.listener import ListenError
+
+        def start() -> None:
+            error = CannotListenError("127.0.0.1", 20003, OSError(errno.EADDRINUSE, "Address already in use"))
+            raise ListenError("servers.proxy.http.port", error)
+
+        code, text = self.run_failing(start)
+        self.assertEqual(code, 2)
+        self.assertEqual(text, "servers.proxy.http.port: port 20003 is already in use (127.0.0.1:20003)\n")
+
+    def test_a_bug_shows_its_traceback_and_says_so(self) -> None:
+        def start() -> None:
+            raise RuntimeError("boom")
+
+        code, text = self.run_failing(start)
+        self.assertEqual(code, 70)
+        self.assertIn("Traceback (most recent call last)", text)
+        self.assertIn("RuntimeError: boom", text)
+        self.assertTrue(text.endswith("failed because of a bug (not a configuration problem); please report it with "
+                                      "the traceback above\n"))
+
+    def test_a_bug_while_building_the_service(self) -> None:
+        from connproxy import twistd
+        from connproxy.config import embedded_proxy_config
+
+        def build(config: Any, reactor: Any) -> Any:
+            raise KeyError("oops")
+
+        options = twistd.ConfigOptions()
+        options.parseOptions([])
+        err = io.StringIO()
+        with mock.patch.object(sys, "__stderr__", err), self.assertRaises(SystemExit) as caught:
+            twistd.make_service(options, lambda path: embedded_proxy_config(), build)
+        self.assertEqual(caught.exception.code, 70)
+        self.assertIn("KeyError: 'oops'", err.getvalue())
+        self.assertIn("building the service failed because of a bug", err.getvalue())
