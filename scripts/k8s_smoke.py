@@ -448,9 +448,9 @@ def command_probe(args: argparse.Namespace) -> int:
         count = tunnels_count(ports["metrics"])
         report(f"GET /metrics 127.0.0.1:{ports['metrics']}", f"HTTP 200, tunnels {count:g}")
         status, _ = http_get(ports["metrics"], "/ready")
-        if status not in (200, 503, 404):
+        if status not in (200, 503):
             raise SmokeError(f"GET /ready answered {status}")
-        note = {200: "ready", 503: "not ready", 404: "not served by this build (readiness comes with the drain work)"}
+        note = {200: "ready", 503: "not ready"}
         report("GET /ready (readiness probe, reported)", f"HTTP {status}: {note[status]}")
         for _ in _deadlines(args.timeout):
             if tunnels_count(ports["metrics"]) >= 1:

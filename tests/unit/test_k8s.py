@@ -39,8 +39,7 @@ PROXY = "connectivity-proxy"
 CONNECTOR = "connproxy-connector"
 APP_UID = 10001
 BASE_REPLICAS = 3
-#: The drain deadline. TODO: read ``shutdown.drainTimeoutSeconds`` from the loaded configuration once the loader on
-#: this branch knows the key (it is being added with the drain work; until then the default of the contract).
+#: The contract's default drain deadline (``shutdown.drainTimeoutSeconds``); the tests read the configured one.
 DEFAULT_DRAIN_TIMEOUT_SECONDS = 20.0
 POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 #: What docs/kubernetes.md puts into each Secret (``kubectl create secret generic ... --from-file=KEY=...``).
@@ -423,9 +422,10 @@ def test_probes(proxy_docs: list[Obj], tmp_path: Path) -> None:
     assert resolve_port(container, readiness["port"]) == config.metrics.port
 
 
-def test_termination_grace_exceeds_the_drain_deadline(proxy_docs: list[Obj]) -> None:
-    # TODO: take the deadline from the loaded configuration (shutdown.drainTimeoutSeconds) once the loader has it.
-    assert grace_problems(proxy_docs) == []
+def test_termination_grace_exceeds_the_drain_deadline(proxy_docs: list[Obj], tmp_path: Path) -> None:
+    drain = load_proxy(proxy_docs, tmp_path).shutdown.drain_timeout_seconds
+    assert drain == 20.0  # the manifests state it, so that the two numbers are read side by side
+    assert grace_problems(proxy_docs, drain) == []
 
 
 def test_security_context(proxy_docs: list[Obj]) -> None:
