@@ -128,6 +128,20 @@ def decide(config: ConnectorConfig, request: OpenRequest) -> Decision:
                     "", rule=rule, resource=resource, internal_port=internal_port, http=http)
 
 
+def describe_mapping(config: ConnectorConfig, decision: Decision) -> str:
+    """The mapping an allowed stream uses, for log lines that must name it:
+    ``accessControl[2] (HTTP erp.internal:80 -> 127.0.0.1:8080)``."""
+    rule = decision.rule
+    assert rule is not None
+    try:
+        index = f"accessControl[{config.access_control.index(rule)}]"
+    except ValueError:  # a reload replaced the list meanwhile
+        index = "accessControl"
+    first, last = rule.virtual_ports
+    ports = str(first) if first == last else f"{first}-{last}"
+    return f"{index} ({rule.protocol} {rule.virtual_host}:{ports} -> {rule.internal_host}:{decision.internal_port})"
+
+
 def audit_decision(decision: Decision, request: OpenRequest, *, connector_id: str | None,
                    writer: audit.AuditWriter | None = None) -> None:
     """Write the audit event of ``decision`` for the stream that ``request`` opened."""

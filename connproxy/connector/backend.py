@@ -32,18 +32,19 @@ def reset_code_for(failure: Failure) -> ErrorCode:
     return ErrorCode.HOST_UNREACHABLE
 
 
-def backend_failed(failure: Failure, tunnel: Any, stream: TunnelStream, internal: str) -> None:
-    """A backend connection for ``stream`` failed: log it and RESET the stream with the matching code.
+def backend_failed(failure: Failure, tunnel: Any, stream: TunnelStream, mapping: str) -> None:
+    """A backend connection for ``stream`` failed: log it, naming the mapping (``mapping``, from
+    :func:`connproxy.connector.access.describe_mapping`), and RESET the stream with the matching code.
 
-    Shared by the TCP path (:class:`BackendDialer`) and the HTTP gateway (``connector_http``).
+    Shared by the TCP path (:class:`BackendDialer`) and the HTTP gateway.
     """
     if stream.closed:
         return
     code = reset_code_for(failure)
     request = stream.request
     _log.info(
-        "backend {internal} for {target} (subaccount {tenant}) unreachable: {code} {error}",
-        internal=internal, target=f"{request.host}:{request.port}", tenant=request.meta.get("tenant"),
+        "backend of {mapping} unreachable for subaccount {tenant}: {code} {error}",
+        mapping=mapping, target=f"{request.host}:{request.port}", tenant=request.meta.get("tenant"),
         code=code.name, error=failure.getErrorMessage(),
     )
     stream.refuse(code, failure.getErrorMessage()[:200], "backend connect failed")

@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from connproxy.config import AccessRule, ConnectorConfig, Resource
 from connproxy.connector import acl
-from connproxy.connector.access import Decision
+from connproxy.connector.access import Decision, describe_mapping
 from connproxy.connector.backend import OneShotFactory, backend_failed, reset_code_for, track_backend_connect
 from connproxy.http.h11relay import H11Relay, send_event
 from connproxy.http.headers import (
@@ -583,7 +583,7 @@ class HttpGateway:
             tunnel.accept(stream, server)
 
         ready.addCallbacks(
-            on_ready, backend_failed, errbackArgs=(tunnel, stream, f"{rule.internal_host}:{internal_port}")
+            on_ready, backend_failed, errbackArgs=(tunnel, stream, describe_mapping(self.config, decision))
         )
         ready.addErrback(lambda f: self.log.failure("HTTP gateway bug on {system}", f, system=system))
         track_backend_connect(tunnel, stream, ready)

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connproxy.config import AccessRule, ConnectorConfig
-from connproxy.connector.access import audit_decision, decide
+from connproxy.connector.access import audit_decision, decide, describe_mapping
 from connproxy.connector.backend import OneShotFactory, backend_failed, track_backend_connect
 from connproxy.connector.http_gateway import HttpGateway
 from connproxy.nodelay import set_no_delay
@@ -134,6 +134,6 @@ class BackendDialer:
 
         ready.addErrback(abandon)
         ready.addCallbacks(
-            on_ready, backend_failed, errbackArgs=(tunnel, stream, f"{rule.internal_host}:{internal_port}")
+            on_ready, backend_failed, errbackArgs=(tunnel, stream, describe_mapping(self.config, decision))
         )
         track_backend_connect(tunnel, stream, ready)

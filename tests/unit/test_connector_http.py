@@ -13,6 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
 from connproxy.config import AccessRule, ConnectorConfig, Resource
@@ -209,9 +210,14 @@ def test_missing_http_metadata_is_a_protocol_error() -> None:
 def test_backend_refused_is_reset_with_connect_refused() -> None:
     s = Setup()
     s.backends.refuse = True
-    s.open("erp.internal", 8080)
+    with capturedLogs() as events:
+        s.open("erp.internal", 8080)
     assert s.tunnel.resets[0][1] == ErrorCode.CONNECT_REFUSED
     assert s.tunnel.accepted == []
+    # The log line names the mapping whose backend could not be reached.
+    lines = [formatEvent(e) for e in events if "unreachable" in formatEvent(e)]
+    assert lines == ["backend of accessControl[0] (HTTP erp.internal:8080 -> 10.1.1.1:8000) unreachable for "
+                     "subaccount tenant-a: CONNECT_REFUSED Connection was refused by other side: refused."], lines
 
 
 def test_dialer_dispatches_http_streams() -> None:
