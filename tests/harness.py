@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,8 @@ class Stack:
     connectors: list[ConnectorService] = field(default_factory=list)
     ports: list[IListeningPort] = field(default_factory=list)
     audit: list[str] = field(default_factory=list)
+    #: Called after everything else stopped (sockets the test reserved, ...).
+    cleanups: list[Callable[[], object]] = field(default_factory=list)
 
     @property
     def socks_port(self) -> int:
@@ -163,6 +165,8 @@ class Stack:
             yield self.proxy.stopService()
         for p in self.ports:
             yield p.stopListening()
+        for cleanup in self.cleanups:
+            cleanup()
 
 
 def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.abstract import isIPAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,6 +30,7 @@ from connproxy.nodelay import set_no_delay
 from connproxy.obs import audit
 from connproxy.relay import Relay, link
 from connproxy.tunnel.stream import TunnelStream
+from connproxy.wire.errors import ErrorCode
 
 
 @implementer(IHandshakeListener)
@@ -54,9 +56,20 @@ class BackendRelay(Relay):
             self.ready.callback(self)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        """Before ready: fail ``ready`` (TLS refused); afterwards: close the stream side."""
+        """Before ready: fail ``ready`` (TLS refused); afterwards: close the stream side, and a backend connection
+        that failed (not a clean close) resets the stream ``BACKEND_RESET`` (spec section 4)."""
         if not self.ready.called:
             self.ready.errback(reason)
+            return
+        peer = self.peer
+        if (
+            not reason.check(ConnectionDone)
+            and peer is not None
+            and isinstance(peer.transport, TunnelStream)
+            and not peer.transport.closed
+        ):
+            self._lost = True
+            peer.transport.refuse(ErrorCode.BACKEND_RESET, reason.getErrorMessage()[:200], "backend connection failed")
             return
         super().connectionLost(reason)
 

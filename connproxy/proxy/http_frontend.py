@@ -75,6 +75,8 @@ from connproxy.proxy.replies import http_status_for, open_failure_text, reason_f
 from connproxy.proxy.routing import Router
 from connproxy.relay import Relay, RelayFactory, describe_transport, unwire, wire
 from connproxy.tunnel.errors import StreamRefusedError, StreamResetError
+from connproxy.tunnel.stream import reset_transport
+from connproxy.wire.errors import ErrorCode
 
 #: The average request body rate (bytes/s) each body timeout window must reach.
 MIN_BODY_RATE = 100
@@ -339,6 +341,9 @@ class HttpProxyProtocol(H11Relay):
             "HTTP client {client} idle for {timeout}s: closing", client=self._client(),
             timeout=self.factory.idle_timeout,
         )
+        if self.tunnel_mode and self.peer is not None:
+            # A CONNECT or upgraded relay cut short by the timeout: RESET IDLE_TIMEOUT (spec section 4).
+            reset_transport(self.peer.transport, ErrorCode.IDLE_TIMEOUT, f"idle for {self.factory.idle_timeout:g}s")
         self._abort_all()
 
     def _client(self) -> str:

@@ -19,6 +19,7 @@ from zope.interface import implementer
 from connproxy.proxy.metrics import ProxyMetrics
 from connproxy.proxy.registry import ConnectorRegistry
 from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, TunnelLostError
+from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import OpenRequest
 
 
@@ -43,19 +44,40 @@ class TunnelEndpoint:
         self.request = request
         self.metrics = metrics
 
+    #: How many other tunnels an open refused with REFUSED_STREAM (not processed) is retried on.
+    max_retries = 2
+
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        """Open a stream; see the module docstring for the failures."""
+        """Open a stream; see the module docstring for the failures.
+
+        A stream the connector did not process (RESET ``REFUSED_STREAM``: draining, too many streams, or past a
+        GOAWAY's last stream ID) is retried at once on another routable tunnel of the same (tenant, location), at
+        most :attr:`max_retries` times; the protocol factory is only used once a stream is accepted.
+        """
+        return self._attempt(protocolFactory, [])
+
+    def _attempt(self, protocolFactory: IProtocolFactory, tried: list[Any]) -> Deferred[IProtocol]:
         tunnel: Any = self.registry.pick(self.tenant, self.location)
         started: float | None = None
         if tunnel is None:
             d: Deferred[IProtocol] = fail(NoConnectorError(self.tenant, self.location))
         else:
-            if self.metrics is not None:
+            if self.metrics is not None and not tried:  # a retry is part of the first attempt's open
                 started = self.metrics.open_started()
             d = tunnel.open_stream(self.request, protocolFactory)
-        if self.metrics is not None:
+            if len(tried) < self.max_retries:
+                d.addErrback(self._retry, protocolFactory, tried + [tunnel])
+        if self.metrics is not None and not tried:
             d.addBoth(self._count, tunnel, started)
         return d
+
+    def _retry(self, failure: Failure, protocolFactory: IProtocolFactory, tried: list[Any]) -> Any:
+        if not failure.check(StreamRefusedError) or failure.value.code != ErrorCode.REFUSED_STREAM:  # type: ignore[union-attr]
+            return failure
+        other = self.registry.pick(self.tenant, self.location)
+        if other is None or any(other is t for t in tried):
+            return failure  # no other tunnel to retry on (the least loaded one is one that just refused)
+        return self._attempt(protocolFactory, tried)
 
     def _count(self, result: Any, tunnel: Any, started: float | None = None) -> Any:
         assert self.metrics is not None

@@ -25,6 +25,8 @@ from connproxy.proxy.frontend import Authorizing, FrontEndFactory, set_no_delay
 from connproxy.proxy.replies import socks_reply_for
 from connproxy.proxy.routing import Router
 from connproxy.relay import Relay, RelayFactory, describe_transport
+from connproxy.tunnel.stream import reset_transport
+from connproxy.wire.errors import ErrorCode
 from connproxy.wire.socks5 import (
     METHOD_NO_ACCEPTABLE,
     ConnectRequest,
@@ -79,6 +81,9 @@ class Socks5Protocol(Relay):
             "SOCKS5 {client} -> {target} idle for {timeout}s: closing", client=describe_transport(self.transport),
             target=self._target, timeout=self.factory.idle_timeout,
         )
+        if self.peer is not None:
+            # The stream is cut short by the timeout: RESET IDLE_TIMEOUT (spec section 4), not a FIN.
+            reset_transport(self.peer.transport, ErrorCode.IDLE_TIMEOUT, f"idle for {self.factory.idle_timeout:g}s")
         self.transport.loseConnection()
 
     def _timed_out(self) -> None:

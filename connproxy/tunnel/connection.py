@@ -175,7 +175,7 @@ class TunnelConnection(Protocol):
         self._handshake_timer = None
         if not self.session.ready:
             self.log.warn("tunnel handshake timed out with {peer}", peer=self.describe_peer())
-            self.fail(ErrorCode.PROTOCOL_ERROR, "handshake timeout")
+            self.fail(ErrorCode.HANDSHAKE_TIMEOUT, "handshake timeout")
 
     def _keepalive_tick(self) -> None:
         self.session.ping(_PING.pack(self.clock.seconds()))

@@ -155,11 +155,12 @@ class TunnelStream:
     def reset(self, code: ErrorCode, reason: str) -> None:
         """The stream was reset (by the peer, or because the tunnel is gone).
 
-        ``NORMAL`` is the graceful close queued behind the peer's data (it will read nothing more): the protocol
-        sees a clean ``ConnectionDone``, so what it already passed on is flushed, not discarded. Any other code
-        is an abort.
+        ``NORMAL`` after the peer's FIN is the graceful close of spec section 3.3 (the peer sent all its data
+        and will read nothing more): the protocol sees a clean ``ConnectionDone``, so what it already passed on
+        is flushed, not discarded. Any other code, and ``NORMAL`` before the peer's FIN (its data would be cut
+        short), is an abort: the protocol sees :class:`StreamResetError`.
         """
-        if code == ErrorCode.NORMAL:
+        if code == ErrorCode.NORMAL and self._remote_fin:
             self._finish(Failure(ConnectionDone()))
         else:
             self._finish(Failure(StreamResetError(code, reason)))
@@ -317,3 +318,12 @@ class TunnelStream:
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
             protocol.connectionLost(reason)
+
+
+def reset_transport(transport: object, code: ErrorCode, reason: str) -> bool:
+    """RESET ``code`` if ``transport`` is an open :class:`TunnelStream` (a front end ending a relay whose far side
+    is a stream, for example on its idle timeout); returns whether a RESET was sent. Anything else is left alone."""
+    if isinstance(transport, TunnelStream) and not transport.closed:
+        transport.refuse(code, reason)
+        return True
+    return False

@@ -31,6 +31,9 @@ class ErrorCode(enum.IntEnum):
     REPLACED = 17
     KEEPALIVE_TIMEOUT = 18
     SHUTTING_DOWN = 19
+    CONTROL_BACKLOG = 20
+    HANDSHAKE_TIMEOUT = 21
+    STREAM_STALLED = 22
 
     @classmethod
     def from_wire(cls, value: int) -> ErrorCode:

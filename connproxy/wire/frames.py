@@ -49,6 +49,9 @@ class FrameType(enum.IntEnum):
     HELLO = 0x7
 
 
+#: Frame types whose payload is capped at :data:`MAX_CONTROL_PAYLOAD` whatever ``max_frame`` says.
+_CAPPED_TYPES = frozenset({FrameType.OPEN, FrameType.HELLO})
+
 FLAG_FIN = 0x1
 FLAG_ACK = 0x2
 
@@ -105,7 +108,8 @@ class FrameDecoder:
     Bytes may arrive in any split. Only complete frames are returned; the rest stays buffered, and the buffer
     never holds more than one frame (header plus at most ``max_frame`` payload bytes) beyond what was returned.
 
-    :raises ProtocolError: ``FRAME_SIZE_ERROR`` for an oversized frame, ``PROTOCOL_ERROR`` for a wrong framing
+    :raises ProtocolError: ``FRAME_SIZE_ERROR`` for a frame longer than ``max_frame`` (any type) or a HELLO/OPEN
+        longer than :data:`MAX_CONTROL_PAYLOAD`, ``PROTOCOL_ERROR`` for a wrong framing
         version. After an error the decoder must not be used again.
     """
 
@@ -133,7 +137,9 @@ class FrameDecoder:
                 version, frame_type, flags, stream_id, length = _unpack_header(buf, pos)
                 if version != FRAMING_VERSION:
                     raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"unsupported framing version {version}")
-                limit = max_frame if frame_type == FrameType.DATA else max(max_frame, MAX_CONTROL_PAYLOAD)
+                # Every frame obeys the receiver's max_frame (spec section 2); HELLO and OPEN are further capped
+                # at 64 KiB even when max_frame is larger (spec section 6).
+                limit = min(max_frame, MAX_CONTROL_PAYLOAD) if frame_type in _CAPPED_TYPES else max_frame
                 if length > limit:
                     raise ProtocolError(
                         ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds the limit of {limit}"

@@ -36,6 +36,8 @@ SUPPORTED_VERSIONS = (1,)
 #: GOAWAY codes that drain (streams go on) rather than end the session at once.
 _DRAIN_CODES = frozenset({ErrorCode.NORMAL, ErrorCode.SHUTTING_DOWN, ErrorCode.REPLACED})
 MAX_CONTROL_BACKLOG = 1 << 20
+#: The reason of the REFUSED_STREAM reset a session reports for streams a GOAWAY declared unprocessed.
+UNPROCESSED_REASON = "not processed by the peer (GOAWAY)"
 
 _DATA = f.FrameType.DATA
 _pack_header = f.HEADER.pack
@@ -98,13 +100,14 @@ class Settings:
         """
         if value is None:
             return cls()
-        if not isinstance(value, Mapping):
+        if type(value) is not dict:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO settings is not an object")
         kwargs: dict[str, int] = {}
         for name in ("stream_window", "connection_window", "max_frame", "max_streams"):
             if name in value:
                 item = value[name]
-                if not isinstance(item, int) or isinstance(item, bool):
+                # type() is int: True and False are ints to isinstance (and 1.0 == 1 to comparisons).
+                if type(item) is not int:
                     raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"HELLO setting {name} is not an integer")
                 kwargs[name] = item
         try:
@@ -140,17 +143,39 @@ def _decode_json(payload: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+#: HELLO fields that, when present, must be JSON strings (spec section 3.1).
+_HELLO_STRINGS = ("connector_id", "subaccount", "location", "replica_id", "tunnel_id")
+
+
+def _check_hello_types(hello: dict[str, Any]) -> None:
+    """Check the types of the HELLO fields this specification defines (exact types: ``true`` is no version).
+
+    :raises ProtocolError: ``PROTOCOL_ERROR`` naming the field.
+    """
+    for name in _HELLO_STRINGS:
+        if name in hello and type(hello[name]) is not str:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"HELLO {name} is not a string")
+    capabilities = hello.get("capabilities", [])
+    if type(capabilities) is not list or any(type(c) is not str for c in capabilities):
+        raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO capabilities is not a list of strings")
+    if "versions" in hello:
+        versions = hello["versions"]
+        if type(versions) is not list or any(type(v) is not int for v in versions):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO versions is not a list of integers")
+
+
 def _parse_open(payload: bytes) -> OpenRequest:
     value = _decode_json(payload, "OPEN")
     host = value.get("host")
     port = value.get("port")
     kind = value.get("kind", "tcp")
     meta = value.get("meta", {})
-    if not isinstance(host, str) or not host or len(host) > 255:
+    # Exact type() checks throughout: bool is an int subclass (``"port": true`` would be port 1).
+    if type(host) is not str or not host or len(host) > 255:
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN without a valid host")
-    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+    if type(port) is not int or not 1 <= port <= 65535:
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN without a valid port")
-    if not isinstance(kind, str) or not isinstance(meta, dict):
+    if type(kind) is not str or type(meta) is not dict:
         raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "OPEN with a bad kind or meta")
     return OpenRequest(host=host, port=port, kind=kind, meta=meta)
 
@@ -214,7 +239,7 @@ class Session:
     def send_window(self, stream_id: int) -> int:
         """How many DATA bytes :meth:`send_data` would take for ``stream_id`` now (0 for unknown streams)."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_fin:
+        if stream is None or stream.local_fin or not self._may_send(stream_id, stream):
             return 0
         return min(stream.send_window, self._conn_send_window)
 
@@ -257,6 +282,7 @@ class Session:
         identity. ``fields`` are added to the HELLO (connector id, tenant, location, replica id ...).
 
         :raises StreamStateError: if a HELLO was sent already.
+        :raises ValueError: the HELLO would not fit the peer's ``max_frame`` (for the dialer: 16384 bytes).
         """
         if self._hello_sent:
             raise StreamStateError("HELLO already sent")
@@ -268,6 +294,10 @@ class Session:
         else:
             body["version"] = self.version
         payload = _compact_json(body).encode("utf-8")
+        # The dialer does not know the listener's max_frame yet: a HELLO must fit the smallest allowed one.
+        limit = f.MIN_MAX_FRAME if self.role is Role.DIALER else self.peer_settings.max_frame
+        if len(payload) > min(limit, f.MAX_CONTROL_PAYLOAD):
+            raise ValueError(f"HELLO of {len(payload)} bytes exceeds {min(limit, f.MAX_CONTROL_PAYLOAD)}")
         self._queue_control(f.frame(f.FrameType.HELLO, 0, 0, payload))
         self._hello_sent = True
 
@@ -287,8 +317,9 @@ class Session:
         if request.meta:
             body["meta"] = request.meta
         payload = _compact_json(body).encode("utf-8")
-        if len(payload) > f.MAX_CONTROL_PAYLOAD:
-            raise OpenTooLargeError(f"OPEN payload of {len(payload)} bytes exceeds {f.MAX_CONTROL_PAYLOAD}")
+        limit = min(f.MAX_CONTROL_PAYLOAD, self.peer_settings.max_frame)
+        if len(payload) > limit:
+            raise OpenTooLargeError(f"OPEN payload of {len(payload)} bytes exceeds {limit}")
         stream_id = self._next_id
         self._next_id += 2
         self._streams[stream_id] = _Stream(self.peer_settings.stream_window, self.settings.stream_window, False)
@@ -317,7 +348,7 @@ class Session:
         :raises StreamStateError: for an unknown stream or one whose sending side is already closed.
         """
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_fin:
+        if stream is None or stream.local_fin or not self._may_send(stream_id, stream):
             raise StreamStateError(f"stream {stream_id} is not open for sending")
         total = len(data)
         allowed = min(total, stream.send_window, self._conn_send_window)
@@ -353,11 +384,15 @@ class Session:
         :raises StreamStateError: for an unknown stream or one already half-closed by us.
         """
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_fin:
+        if stream is None or stream.local_fin or not self._may_send(stream_id, stream):
             raise StreamStateError(f"stream {stream_id} is not open for sending")
         self._data.append(_pack_header(_FV, _DATA, f.FLAG_FIN, stream_id, 0))
         self._data_bytes += f.HEADER_SIZE  # see send_data
         self._local_fin(stream_id, stream)
+
+    def _may_send(self, stream_id: int, stream: _Stream) -> bool:
+        """The opener may send at once (early data); the acceptor only after its ACCEPT (spec 3.2)."""
+        return stream.accepted or stream_id & 1 == self._next_id & 1
 
     def _local_fin(self, stream_id: int, stream: _Stream) -> None:
         stream.local_fin = True
@@ -490,7 +525,7 @@ class Session:
         for raw in self._decoder.feed(data):
             self._handle(raw, events)
         if self._control_bytes > MAX_CONTROL_BACKLOG:
-            raise ProtocolError(ErrorCode.INTERNAL_ERROR, "control frame backlog exceeded (peer not reading)")
+            raise ProtocolError(ErrorCode.CONTROL_BACKLOG, "control frame backlog exceeded (peer not reading)")
         return events
 
     def _handle(self, raw: f.RawFrame, events: list[Event]) -> None:
@@ -548,6 +583,12 @@ class Session:
             if not self._is_known_id(stream_id):
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"DATA on stream {stream_id} never opened")
             self._credit_connection(length)  # stale frame of a closed stream
+            return
+        if not stream.accepted and stream_id & 1 == self._next_id & 1:
+            # Spec 3.2: the acceptor must not send DATA before its ACCEPT.
+            self._credit_connection(length)
+            self.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR, "DATA before ACCEPT")
+            events.append(StreamReset(stream_id, ErrorCode.PROTOCOL_ERROR, "DATA before ACCEPT", remote=False))
             return
         if stream.remote_fin:
             self._credit_connection(length)
@@ -655,6 +696,12 @@ class Session:
         last, code = f.GOAWAY_HEAD.unpack_from(raw.payload)
         self.remote_goaway = True
         events.append(GoAwayReceived(last, ErrorCode.from_wire(code), f.decode_reason(raw.payload[8:])))
+        # Spec 3.6: our streams past ``last`` never reached the peer's application. They fail at once with
+        # REFUSED_STREAM (safe to retry elsewhere) instead of waiting for the open timeout.
+        parity = self._next_id & 1
+        for stream_id in [i for i in self._streams if i & 1 == parity and i > last]:
+            self._forget(stream_id, self._streams[stream_id])
+            events.append(StreamReset(stream_id, ErrorCode.REFUSED_STREAM, UNPROCESSED_REASON, remote=False))
 
     def _on_hello(self, raw: f.RawFrame, events: list[Event]) -> None:
         if raw.stream_id != 0:
@@ -664,9 +711,10 @@ class Session:
         if self.role is Role.DIALER and not self._hello_sent:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO before ours")
         hello = _decode_json(raw.payload, "HELLO")
+        _check_hello_types(hello)
         if self.role is Role.LISTENER:
             offered = hello.get("versions")
-            if not isinstance(offered, list):
+            if offered is None:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HELLO without versions")
             common = [v for v in SUPPORTED_VERSIONS if v in offered]
             if not common:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest_twisted
@@ -103,9 +104,12 @@ def test_reply_codes(stack: Stack) -> Any:
     echo = yield serve(Echo)
     stack.ports.append(echo)
     refused_port = echo.getHost().port
-    closed = yield serve(Echo)
-    closed_port = closed.getHost().port
-    yield closed.stopListening()  # nothing listens there any more: connection refused
+    # A port bound but not listening: connections are refused, and no other process can take the port meanwhile
+    # (a port that was merely closed again may be reused by anyone on a busy machine).
+    reserved = socket.socket()
+    reserved.bind(("127.0.0.1", 0))
+    closed_port = reserved.getsockname()[1]
+    stack.cleanups.append(reserved.close)
     stack.start_proxy()
     connector = stack.start_connector(
         access=[

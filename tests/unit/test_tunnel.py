@@ -266,7 +266,7 @@ class HandshakeTests(SynchronousTestCase):
         self.assertTrue(dialer_io.disconnecting)
         goaways = [fr for fr in decode(dialer_io.stream) if fr.frame_type == f.FrameType.GOAWAY]
         self.assertEqual(len(goaways), 1)
-        self.assertEqual(f.GOAWAY_HEAD.unpack_from(goaways[0].payload)[1], ErrorCode.PROTOCOL_ERROR)
+        self.assertEqual(f.GOAWAY_HEAD.unpack_from(goaways[0].payload)[1], ErrorCode.HANDSHAKE_TIMEOUT)
         pump.flush()
         self.assertTrue(dialer.lost)
         self.assertEqual(clock.getDelayedCalls(), [])
@@ -634,6 +634,54 @@ class HalfCloseTests(SynchronousTestCase):
         self.assertTrue(s.backend_t.disconnecting)
         self.assertEqual(pair.dialer.resets, [])
         self.assertFalse(pair.proxy.lost)
+
+
+class ResetNormalTests(SynchronousTestCase):
+    """Spec 3.3: RESET NORMAL is a graceful close only after the sender's FIN; before it, an abort."""
+
+    def test_reset_normal_after_fin_is_an_orderly_end(self) -> None:
+        pair = TunnelPair()
+        d = pair.proxy.open_stream(TARGET, Factory.forProtocol(Recorder))
+        pair.flush()
+        remote = Recorder()
+        pair.dialer.accept(pair.dialer.opened[0], remote)
+        pair.flush()
+        proto = self.successResultOf(d)
+        remote.transport.write(b"all of it")
+        remote.transport.loseConnection()  # FIN, then RESET NORMAL behind it: it will read nothing more
+        pair.flush()
+        self.assertEqual(proto.received, b"all of it")
+        assert proto.lost is not None
+        self.assertTrue(proto.lost.check(ConnectionDone))
+
+    def test_reset_normal_before_fin_is_an_abort(self) -> None:
+        pair = TunnelPair()
+        d = pair.proxy.open_stream(TARGET, Factory.forProtocol(Recorder))
+        pair.flush()
+        remote = Recorder()
+        stream = pair.dialer.opened[0]
+        pair.dialer.accept(stream, remote)
+        pair.flush()
+        proto = self.successResultOf(d)
+        pair.dialer.reset_stream(stream.stream_id, ErrorCode.NORMAL, "gone")
+        pair.flush()
+        assert proto.lost is not None
+        self.assertTrue(proto.lost.check(StreamResetError))
+
+
+class GoAwayUnprocessedTests(SynchronousTestCase):
+    def test_opens_past_the_goaway_fail_at_once_with_refused_stream(self) -> None:
+        """Streams the peer never saw fail when its GOAWAY arrives, not after the open timeout."""
+        pair = TunnelPair()
+        seen = pair.proxy.open_stream(TARGET, Factory.forProtocol(Recorder))
+        pair.flush()
+        pair.dialer.drain(ErrorCode.SHUTTING_DOWN, "stopping")  # GOAWAY with last stream = the one it saw
+        unseen = pair.proxy.open_stream(TARGET, Factory.forProtocol(Recorder))
+        pair.flush()
+        failure = self.failureResultOf(unseen, StreamRefusedError)
+        self.assertEqual(failure.value.code, ErrorCode.REFUSED_STREAM)
+        self.assertNoResult(seen)  # the stream it saw is still served
+        self.assertEqual(len(pair.proxy.streams), 1)
 
 
 class DrainTests(SynchronousTestCase):

@@ -148,14 +148,33 @@ def test_oversized_data_frame_detected_before_its_payload_and_after_good_frames(
 
 
 @pytest.mark.parametrize("frame_type", [t for t in f.FrameType if t != f.FrameType.DATA] + [0x42])
-def test_control_frames_may_carry_64k_even_with_a_small_max_frame(frame_type: int) -> None:
-    """Spec section 6: HELLO and OPEN payloads are at most 64 KiB, whatever ``max_frame`` is."""
+def test_control_frames_larger_than_max_frame_are_refused(frame_type: int) -> None:
+    """Spec section 2: every frame, not only DATA, obeys the receiver's ``max_frame`` (a 30 KB HELLO against
+    max_frame 16384 used to be accepted)."""
     decoder = f.FrameDecoder(f.MIN_MAX_FRAME)
+    (fr,) = decoder.feed(f.frame(frame_type, 0, 0, bytes(f.MIN_MAX_FRAME)))
+    assert len(fr.payload) == f.MIN_MAX_FRAME
+    with pytest.raises(ProtocolError) as info:
+        decoder.feed(f.header(frame_type, 0, 0, 30_000))
+    assert info.value.code is ErrorCode.FRAME_SIZE_ERROR
+
+
+@pytest.mark.parametrize("frame_type", [f.FrameType.HELLO, f.FrameType.OPEN])
+def test_hello_and_open_are_capped_at_64k_even_with_a_larger_max_frame(frame_type: int) -> None:
+    """Spec section 6: HELLO and OPEN payloads are at most 64 KiB, whatever ``max_frame`` is."""
+    decoder = f.FrameDecoder(1 << 20)
     (fr,) = decoder.feed(f.frame(frame_type, 0, 0, bytes(f.MAX_CONTROL_PAYLOAD)))
     assert len(fr.payload) == f.MAX_CONTROL_PAYLOAD
     with pytest.raises(ProtocolError) as info:
         decoder.feed(f.header(frame_type, 0, 0, f.MAX_CONTROL_PAYLOAD + 1))
     assert info.value.code is ErrorCode.FRAME_SIZE_ERROR
+
+
+@pytest.mark.parametrize("frame_type", [f.FrameType.DATA, f.FrameType.PING, 0x42])
+def test_other_frames_may_use_all_of_a_large_max_frame(frame_type: int) -> None:
+    decoder = f.FrameDecoder(1 << 20)
+    (fr,) = decoder.feed(f.frame(frame_type, 0, 0, bytes(f.MAX_CONTROL_PAYLOAD + 1)))
+    assert len(fr.payload) == f.MAX_CONTROL_PAYLOAD + 1
 
 
 @pytest.mark.parametrize("version", [0, 2, 255])

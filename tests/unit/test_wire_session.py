@@ -24,7 +24,7 @@ from hypothesis.stateful import (
 
 from connproxy.wire import frames as f
 from connproxy.wire import session as session_module
-from connproxy.wire.errors import ErrorCode, ProtocolError, StreamStateError
+from connproxy.wire.errors import ErrorCode, OpenTooLargeError, ProtocolError, StreamStateError
 from connproxy.wire.events import (
     DataReceived,
     Event,
@@ -38,7 +38,7 @@ from connproxy.wire.events import (
     StreamReset,
     WindowUpdated,
 )
-from connproxy.wire.session import Role, Session, Settings
+from connproxy.wire.session import UNPROCESSED_REASON, Role, Session, Settings
 
 from .wire_helpers import (
     DIALER_HELLO,
@@ -193,10 +193,35 @@ def test_dialer_does_not_accept_a_preface() -> None:
     assert protocol_error(dialer, f.PREFACE + listener_hello()) is ErrorCode.PROTOCOL_ERROR
 
 
-@pytest.mark.parametrize("versions", [[2, 3], [], ["1"], [1.5], [None]])
+@pytest.mark.parametrize("versions", [[2, 3], []])
 def test_no_common_version(versions: list[Any]) -> None:
     listener = Session(Role.LISTENER)
     assert protocol_error(listener, dialer_opening(versions=versions)) is ErrorCode.UNSUPPORTED_VERSION
+
+
+@pytest.mark.parametrize("versions", [["1"], [1.5], [None], [True], [1, True], "1", 1, {"1": 1}])
+def test_malformed_versions_are_a_protocol_error(versions: Any) -> None:
+    """``[true]`` is no version 1 (bool is an int in Python): every entry must be a JSON integer."""
+    listener = Session(Role.LISTENER)
+    assert protocol_error(listener, dialer_opening(versions=versions)) is ErrorCode.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"connector_id": 1},
+        {"subaccount": True},
+        {"location": None},
+        {"capabilities": "half-close"},
+        {"capabilities": [True]},
+        {"settings": []},
+        {"settings": {"stream_window": True}},
+        {"settings": {"max_frame": 65536.0}},
+    ],
+)
+def test_hello_fields_have_exact_types(extra: dict[str, Any]) -> None:
+    listener = Session(Role.LISTENER)
+    assert protocol_error(listener, dialer_opening(**extra)) is ErrorCode.PROTOCOL_ERROR
 
 
 @pytest.mark.parametrize("versions", ["1", 1, None, {"1": 1}])
@@ -236,7 +261,7 @@ def test_highest_common_version_is_chosen(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_a_supported_version_among_unknown_ones() -> None:
     listener = Session(Role.LISTENER)
-    (event,) = listener.receive_data(dialer_opening(versions=[5, 1, 4, "x", None]))
+    (event,) = listener.receive_data(dialer_opening(versions=[5, 1, 4]))
     assert isinstance(event, HelloReceived) and event.version == 1
 
 
@@ -323,10 +348,10 @@ def test_deeply_nested_hello_is_a_protocol_error_not_a_crash() -> None:
     """json.loads raises RecursionError on deep nesting; a peer must not be able to raise anything else."""
     listener = listener_after_preface()
     payload = b'{"versions": [1], "x": ' + b"[" * 50000 + b"]" * 50000 + b"}"
-    payload = payload[: f.MAX_CONTROL_PAYLOAD]  # truncated: still deep before it is invalid
+    payload = payload[: f.MIN_MAX_FRAME]  # truncated to what any listener accepts: still deep before it is invalid
     assert protocol_error(listener, f.frame(T.HELLO, 0, 0, payload)) is ErrorCode.PROTOCOL_ERROR
     dialer = dialer_waiting_for_hello()
-    deep = b'{"version": 1, "x": ' + b"[" * 30000 + b"]" * 30000 + b"}"
+    deep = b'{"version": 1, "x": ' + b"[" * 8000 + b"]" * 8000 + b"}"
     assert protocol_error(dialer, f.frame(T.HELLO, 0, 0, deep)) is ErrorCode.PROTOCOL_ERROR
 
 
@@ -532,7 +557,7 @@ BAD_OPENS: dict[str, bytes] = {
     "port-float": json.dumps({"host": "h", "port": 443.0}).encode(),
     "kind-not-str": json.dumps({"host": "h", "port": 1, "kind": 5}).encode(),
     "meta-not-object": json.dumps({"host": "h", "port": 1, "meta": []}).encode(),
-    "deep-nesting": b'{"host": "h", "port": 1, "meta": ' + b"[" * 20000 + b"]" * 20000 + b"}",
+    "deep-nesting": b'{"host": "h", "port": 1, "meta": ' + b"[" * 5000 + b"]" * 5000 + b"}",
 }
 
 
@@ -635,6 +660,38 @@ def test_after_remote_goaway_no_new_streams() -> None:
     assert pair.dialer.send_data(stream_id, b"still here") == 10
     _, listener_events = pair.shuttle()
     assert listener_events == [DataReceived(stream_id, b"still here")]
+
+
+def test_goaway_fails_streams_past_its_last_stream_id_at_once() -> None:
+    """Spec 3.6: streams we opened past the GOAWAY's last stream ID were not processed; they fail at once with
+    REFUSED_STREAM (so the opener may retry elsewhere), the ones up to it go on."""
+    pair = ready_pair()
+    seen = pair.open()
+    unseen = [pair.dialer.open_stream(TARGET), pair.dialer.open_stream(TARGET)]
+    pair.dialer.take_output()  # their OPENs never reach the listener
+    events = pair.dialer.receive_data(goaway_frame(seen, ErrorCode.SHUTTING_DOWN, b"restart"))
+    assert events == [GoAwayReceived(seen, ErrorCode.SHUTTING_DOWN, "restart")] + [
+        StreamReset(i, ErrorCode.REFUSED_STREAM, UNPROCESSED_REASON, remote=False) for i in unseen
+    ]
+    assert pair.dialer.has_stream(seen) and not any(pair.dialer.has_stream(i) for i in unseen)
+    assert pair.dialer.open_streams == 1
+
+
+def test_open_larger_than_the_peers_max_frame_is_refused_locally() -> None:
+    pair = ready_pair()  # the listener's max_frame is 16384
+    big = OpenRequest("h", 1, "tcp", {"x": "y" * 20000})
+    with pytest.raises(OpenTooLargeError):
+        pair.dialer.open_stream(big)
+    assert pair.dialer.take_output() == [] and pair.dialer.open_streams == 0
+
+
+def test_a_hello_larger_than_the_listeners_max_frame_is_refused() -> None:
+    """A 30 KB HELLO against max_frame 16384 is a FRAME_SIZE_ERROR (it used to pass up to 64 KiB)."""
+    listener = Session(Role.LISTENER, Settings(max_frame=16384))
+    opening = dialer_opening(padding="x" * 30000)
+    assert protocol_error(listener, opening) is ErrorCode.FRAME_SIZE_ERROR
+    with pytest.raises(ValueError):
+        Session(Role.DIALER).send_hello({"padding": "x" * 30000})
 
 
 def test_goaway_details() -> None:
@@ -1480,6 +1537,8 @@ class TunnelMachine(RuleBasedStateMachine):
         out = []
         for stream_id, model in self.streams.items():
             if self.alive(side, stream_id) and not (sending and model.dirs[side].fin_sent):
+                if sending and model.opener != side and not model.accepted:
+                    continue  # the acceptor sends only after its ACCEPT (spec 3.2)
                 out.append(stream_id)
         return sorted(out)
 
@@ -1522,9 +1581,13 @@ class TunnelMachine(RuleBasedStateMachine):
                     model.known[side] = False
             elif isinstance(ev, StreamReset):
                 model = self.streams[ev.stream_id]
-                assert ev.remote, f"local reset in valid use: {ev}"
                 assert self.alive(side, ev.stream_id)
-                if peer in model.reset_by:
+                if not ev.remote:
+                    # Only one local reset happens in valid use: our streams past a GOAWAY's last stream ID.
+                    assert (ev.code, ev.reason) == (ErrorCode.REFUSED_STREAM, UNPROCESSED_REASON), ev
+                    assert model.opener == side and peer not in model.known
+                    model.refused = True
+                elif peer in model.reset_by:
                     assert ev.code == model.reset_code[peer]
                 else:
                     # Refused by the peer's session: draining or too many streams.
@@ -1746,7 +1809,12 @@ class TunnelMachine(RuleBasedStateMachine):
                     assert direction.received <= direction.sent
             # Liveness: with everything acknowledged, every stream that may still send has credit to do so.
             for side in "dl":
-                if self.alive(side, stream_id) and not model.dirs[side].fin_sent and self.alive(OTHER[side], stream_id):
+                if (
+                    self.alive(side, stream_id)
+                    and not model.dirs[side].fin_sent
+                    and self.alive(OTHER[side], stream_id)
+                    and (model.opener == side or model.accepted)
+                ):
                     assert self.s(side).send_window(stream_id) > 0
 
 
