@@ -35,8 +35,9 @@ def _unwrap(protocol: Any) -> Any:
     return protocol
 
 
-def no_delay_by_kind() -> dict[str, list[int]]:
-    """TCP_NODELAY of every socket the reactor watches, keyed by the class name of its (unwrapped) protocol."""
+def no_delay_by_kind(ports: set[int]) -> dict[str, list[int]]:
+    """TCP_NODELAY of every socket the reactor watches whose local or peer port is in ``ports`` (this test's
+    listeners: other tests' leftovers share the reactor), keyed by the class name of its (unwrapped) protocol."""
     found: dict[str, list[int]] = {}
     for selectable in {*reactor.getReaders(), *reactor.getWriters()}:
         protocol = _unwrap(getattr(selectable, "protocol", None))
@@ -44,6 +45,11 @@ def no_delay_by_kind() -> dict[str, list[int]]:
             continue
         handle = selectable.getHandle()
         if not isinstance(handle, socket.socket) or handle.type != socket.SOCK_STREAM:
+            continue
+        try:
+            if not {handle.getsockname()[1], handle.getpeername()[1]} & ports:
+                continue
+        except OSError:
             continue
         for kind in (BackendRelay, HttpBackend, TunnelConnection, HTTPChannel):
             if isinstance(protocol, kind):
@@ -98,13 +104,15 @@ def test_every_owned_socket_has_tcp_nodelay(stack: Stack) -> Any:
     assert stack.proxy is not None and stack.proxy.metrics_listener is not None
     metrics = yield TCP4ClientEndpoint(reactor, "127.0.0.1", stack.proxy.metrics_listener.port_number).connect(
         Factory.forProtocol(_Partial))
-    yield wait_for(lambda: "HTTPChannel" in no_delay_by_kind())
+    ports = {p.getHost().port for p in (tcp, tls, http, https)}
+    ports |= {stack.tunnel_port, stack.proxy.metrics_listener.port_number}
+    yield wait_for(lambda: "HTTPChannel" in no_delay_by_kind(ports))
 
-    found = no_delay_by_kind()
-    assert len(found.get("BackendRelay", [])) >= 2, found  # TCP and TCP_TLS
-    assert len(found.get("HttpBackend", [])) >= 2, found  # HTTP and HTTPS, idle in the pool
-    assert len(found.get("TunnelConnection", [])) >= 2, found  # both ends of the tunnel
-    assert len(found.get("HTTPChannel", [])) >= 1, found  # the metrics connection
+    found = no_delay_by_kind(ports)
+    assert len(found.get("BackendRelay", [])) == 2, found  # TCP and TCP_TLS
+    assert len(found.get("HttpBackend", [])) == 2, found  # HTTP and HTTPS, idle in the pool
+    assert len(found.get("TunnelConnection", [])) == 2, found  # both ends of the tunnel
+    assert len(found.get("HTTPChannel", [])) == 1, found  # the metrics connection
     assert all(all(values) for values in found.values()), found
 
     metrics.transport.loseConnection()
