@@ -331,7 +331,8 @@ class ReconnectConfig:
     """``reconnect``: back-off for (re)connecting to the proxy."""
 
     initial_delay_seconds: float = 0.2
-    max_delay_seconds: float = 30.0
+    #: Low, so that a restarted proxy is found again within seconds (a refused dial costs the proxy nothing).
+    max_delay_seconds: float = 5.0
     fast_retries: int = 3
 
 

@@ -2,8 +2,13 @@
 """The on-premise connector's tunnel to the proxy: dial, HELLO, reconnect forever.
 
 * :class:`ConnectorService` dials out over TLS (client certificate; the proxy's certificate and host name are
-  verified), forever, with capped exponential backoff and full jitter. The first retries are fast; the host name
-  is resolved again on every try (``HostnameEndpoint``), the very first connection included.
+  verified), forever, with capped exponential backoff and full jitter. The host name is resolved again on every
+  try (``HostnameEndpoint``), the very first connection included.
+* No dead time after a proxy restart: a lost tunnel (or a GOAWAY ``SHUTTING_DOWN``/``NORMAL``) is redialled at
+  once (jitter within ``reconnect.initialDelaySeconds``); the backoff grows only while dials keep failing and
+  starts over with every completed handshake. Only a tunnel that keeps dying young (shorter than
+  :attr:`ConnectorService.stable_after`, e.g. a proxy that accepts and then drops us) keeps its backoff, so
+  that such a loop cannot turn into a tight one.
 * :class:`ConnectorTunnel` sends HELLO, pings (the shared :class:`TunnelConnection` keepalive notices a dead
   tunnel within ``deadAfterSeconds``) and hands each opened stream to
   :class:`connproxy.connector.tcp.BackendDialer`.
@@ -35,18 +40,23 @@ from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import GoAwayReceived, HelloReceived
 from connproxy.wire.session import Role
 
+#: Growth of the backoff ceiling per failed attempt after the fast retries.
+BACKOFF_FACTOR = 1.5
+
 
 def backoff_delay(attempt: int, *, initial: float, maximum: float, fast_retries: int,
                   rng: Callable[[], float] = random.random) -> float:
     """Seconds to wait before connection attempt number ``attempt`` (1 = the first retry).
 
     Full jitter: the first ``fast_retries`` retries draw uniformly from ``[0, initial]``; after them, retry
-    ``attempt`` draws from ``[0, min(maximum, initial * 2**(attempt - fast_retries))]``.
+    ``attempt`` draws from ``[0, min(maximum, initial * 1.5**(attempt - fast_retries))]``. The gentle factor
+    (Konnectivity's) keeps the ceiling low for the first seconds of an outage, so that a proxy that restarts in a
+    few seconds is found again within about a second of listening.
     """
     if attempt <= fast_retries:
         ceiling = initial
     else:
-        ceiling = min(maximum, initial * (2 ** min(attempt - fast_retries, 30)))
+        ceiling = min(maximum, initial * (BACKOFF_FACTOR ** min(attempt - fast_retries, 60)))
     return rng() * ceiling
 
 
@@ -155,6 +165,8 @@ class ConnectorService(Service):
         self.dialer = BackendDialer(reactor, config, audit_writer=audit_writer)
         self.rng = rng
         self.attempt = 0
+        #: Tunnels in a row that died within :attr:`stable_after` of their handshake.
+        self.short_lived = 0
         self.tunnel: ConnectorTunnel | None = None
         self._retry: IDelayedCall | None = None
         self._connecting: Deferred[Any] | None = None
@@ -260,8 +272,9 @@ class ConnectorService(Service):
     # ------------------------------------------------------------------ tunnel callbacks
 
     def tunnel_up(self, tunnel: ConnectorTunnel, hello: dict[str, Any]) -> None:
-        """The handshake completed."""
+        """The handshake completed: the dial succeeded, so the failed-dial count starts over."""
         self.tunnel = tunnel
+        self.attempt = 0
         self.log.info(
             "tunnel established to proxy replica {replica} as {tunnel_id} location {location}",
             replica=hello.get("replica_id"), tunnel_id=hello.get("tunnel_id"),
@@ -277,12 +290,23 @@ class ConnectorService(Service):
             self.tunnel = None
             self.attempt = 0
             if self._retry is None and self._connecting is None:
-                self._dial()
+                # At once, but spread: every connector of a draining replica hears this GOAWAY at the same time.
+                self._retry = self.clock.callLater(
+                    self.rng() * self.config.reconnect.initial_delay_seconds, self._dial
+                )
 
     def tunnel_down(self, tunnel: ConnectorTunnel, reason: Failure | None) -> None:
-        """The tunnel closed: reconnect with backoff (reset only after a stable period)."""
-        if tunnel.established_at is not None and self.clock.seconds() - tunnel.established_at >= self.stable_after:
-            self.attempt = 0
+        """The tunnel closed: redial at once (small jitter); keep backing off only for tunnels that die young.
+
+        A tunnel that was established counts as a successful dial: the next attempt is the first retry again,
+        unless tunnels keep dying within :attr:`stable_after` (then each one counts as a failed attempt).
+        """
+        if tunnel.established_at is not None:
+            if self.clock.seconds() - tunnel.established_at >= self.stable_after:
+                self.short_lived = 0
+            else:
+                self.short_lived += 1
+            self.attempt = max(0, self.short_lived - 1)  # the first young death is still a first retry
         why = tunnel.refusal or (reason.getErrorMessage() if reason is not None else "closed")
         if tunnel is self.tunnel:
             self.tunnel = None
