@@ -61,6 +61,9 @@ __all__ = [
     "ClientConnectionConfig",
     "ConfigError",
     "ConnectorConfig",
+    "CorporateProxyConfig",
+    "HighAvailabilityConfig",
+    "IngressListenerConfig",
     "FrontEndConfig",
     "HttpFrontEndConfig",
     "LoggingConfig",
@@ -90,6 +93,7 @@ DEFAULT_HTTP_PORT: Final = 20003
 DEFAULT_SOCKS5_PORT: Final = 20004
 DEFAULT_METRICS_PORT: Final = 9494
 DEFAULT_CONNECTOR_METRICS_PORT: Final = 9495
+DEFAULT_INGRESS_PORT: Final = 8043
 
 TENANT_MODES: Final = ("dedicated", "shared")
 HIGH_AVAILABILITY_MODES: Final = ("off", "path", "subdomain")
@@ -183,6 +187,22 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True)
+class IngressListenerConfig:
+    """``servers.businessDataTunnel.ingress``: a plain-HTTP tunnel listener for an ingress that terminates TLS.
+
+    Only ``GET /healthcheck`` and the HTTP/1.1 ``Upgrade`` to the tunnel are served; the connector's verified
+    client certificate comes in ``client_certificate_header`` (NGINX ``ssl-client-cert``: URL-encoded PEM; Envoy
+    ``x-forwarded-client-cert``: ``Cert="..."``), believed only from ``trusted_sources`` (CIDRs).
+    """
+
+    enabled: bool = False
+    port: int = DEFAULT_INGRESS_PORT
+    bind_address: str = "0.0.0.0"
+    client_certificate_header: str = "ssl-client-cert"
+    trusted_sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TunnelListenerConfig:
     """``servers.businessDataTunnel``: the TLS listener connectors dial.
 
@@ -198,6 +218,7 @@ class TunnelListenerConfig:
     max_tunnels_per_identity: int = 4
     #: Streams open at once for one tenant, over all its tunnels.
     max_streams_per_tenant: int = 10_000
+    ingress: IngressListenerConfig = field(default_factory=IngressListenerConfig)
 
 
 @dataclass(frozen=True)
@@ -274,12 +295,28 @@ class ReadinessConfig:
 
 
 @dataclass(frozen=True)
+class HighAvailabilityConfig:
+    """``highAvailability``: this replica's name and the replica set (docs/high-availability.md).
+
+    ``replica_name`` ``None`` means ``$POD_NAME``, else the host name. The set is ``replicas`` (a static list)
+    or, with ``headless_service``, the pods ``<statefulset>-<n>.<headlessService>`` that resolve, looked up every
+    ``discovery_interval_seconds``; with neither, the set is this replica alone.
+    """
+
+    replica_name: str | None = None
+    replicas: tuple[str, ...] = ()
+    headless_service: str | None = None
+    discovery_interval_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     """The whole proxy configuration (see ``contract.md``)."""
 
     tenant_mode: str = "dedicated"
     subaccount_id: str | None = None
     high_availability_mode: str = "off"
+    high_availability: HighAvailabilityConfig = field(default_factory=HighAvailabilityConfig)
     tunnel_listener: TunnelListenerConfig = field(default_factory=TunnelListenerConfig)
     http: HttpFrontEndConfig = field(default_factory=HttpFrontEndConfig)
     socks5: FrontEndConfig = field(default_factory=FrontEndConfig)
@@ -319,11 +356,29 @@ class ProxyEndpointConfig:
     host: str = "localhost"
     port: int = DEFAULT_TUNNEL_PORT
     server_name: str | None = None
+    #: ``off``: one tunnel; ``path``/``subdomain``: one tunnel per replica the proxy announces, reached through
+    #: ``host:port`` by HTTP/1.1 Upgrade at ``/connectivity-proxy-<n>`` or by SNI ``connectivity-proxy-<n>.<host>``.
+    high_availability_mode: str = "off"
 
     @property
     def verify_name(self) -> str:
         """The name to verify in the proxy's certificate: ``server_name``, else ``host``."""
         return self.server_name if self.server_name is not None else self.host
+
+
+@dataclass(frozen=True)
+class CorporateProxyConfig:
+    """``corporateProxy``: an HTTP proxy the connector tunnels through with ``CONNECT`` (docs/high-availability.md).
+
+    ``url`` is ``http://[user:password@]host:port`` (Basic credentials). Without ``url`` and with
+    ``use_environment``, ``HTTPS_PROXY``/``https_proxy`` and ``NO_PROXY``/``no_proxy`` are read at start-up.
+    ``no_proxy`` lists host names (a leading dot or ``*.`` matches subdomains), IP addresses or CIDRs that are
+    dialled directly.
+    """
+
+    url: str | None = None
+    no_proxy: tuple[str, ...] = ()
+    use_environment: bool = True
 
 
 @dataclass(frozen=True)
@@ -463,6 +518,7 @@ class ConnectorConfig:
     tls: TlsFiles = field(default_factory=TlsFiles)
     tunnel: TunnelTuning = field(default_factory=TunnelTuning)
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
+    corporate_proxy: CorporateProxyConfig = field(default_factory=CorporateProxyConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     access_control: tuple[AccessRule, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -880,6 +936,57 @@ def _parse_high_availability(root: _Section) -> str:
     return root.choice(key, "off", HIGH_AVAILABILITY_MODES)
 
 
+def _parse_replicas(root: _Section) -> HighAvailabilityConfig:
+    section = root.section("highAvailability", ("replicaName", "replicas", "headlessService",
+                                                "discoveryIntervalSeconds"))
+    names = []
+    for index, item in enumerate(section.sequence("replicas")):
+        if not isinstance(item, str) or not _DOMAIN.fullmatch(item) or "." in item:
+            raise ConfigError(f"{section.at('replicas')}[{index}]: expected a replica name such as "
+                              f"connectivity-proxy-0, got {_show(item)}", section.at("replicas"))
+        names.append(item)
+    if len(set(names)) != len(names):
+        raise section.fail("replicas", "a replica is listed twice")
+    headless = section.optional_string("headlessService")
+    if headless is not None and not _DOMAIN.fullmatch(headless):
+        raise section.fail("headlessService", f"expected a DNS name, got {_show(headless)}")
+    if headless is not None and names:
+        raise section.fail("headlessService", "give either replicas or headlessService, not both")
+    return HighAvailabilityConfig(
+        replica_name=section.optional_string("replicaName"),
+        replicas=tuple(names),
+        headless_service=headless,
+        discovery_interval_seconds=section.seconds("discoveryIntervalSeconds",
+                                                   HighAvailabilityConfig.discovery_interval_seconds, minimum=1.0,
+                                                   inclusive=True),
+    )
+
+
+def _parse_ingress(bdt: _Section) -> IngressListenerConfig:
+    section = bdt.section("ingress", ("enabled", "port", "bindAddress", "clientCertificateHeader",
+                                      "trustedSources"))
+    sources = []
+    for index, item in enumerate(section.sequence("trustedSources")):
+        try:
+            sources.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{section.at('trustedSources')}[{index}]: expected an IP address or CIDR such as "
+                              f"10.0.0.0/8, got {_show(item)}", section.at("trustedSources")) from None
+    header = section.string("clientCertificateHeader", IngressListenerConfig.client_certificate_header)
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", header):
+        raise section.fail("clientCertificateHeader", f"expected an HTTP header name, got {_show(header)}")
+    enabled = section.boolean("enabled", IngressListenerConfig.enabled)
+    if enabled and not sources:
+        raise section.fail("trustedSources", "is required if enabled is true (the addresses of the ingress)")
+    return IngressListenerConfig(
+        enabled=enabled,
+        port=section.port("port", DEFAULT_INGRESS_PORT, listener=True),
+        bind_address=_bind_address(section, "bindAddress", IngressListenerConfig.bind_address),
+        client_certificate_header=header.lower(),
+        trusted_sources=tuple(sources),
+    )
+
+
 def proxy_config_from_mapping(
     data: Mapping[str, Any] | None, base_dir: str | os.PathLike[str] | None = None
 ) -> ProxyConfig:
@@ -893,12 +1000,12 @@ def proxy_config_from_mapping(
         data,
         "",
         ("tenantMode", "subaccountId", "highAvailabilityMode", "servers", "tunnel", "metrics", "logging", "shutdown",
-         "readiness"),
+         "readiness", "highAvailability"),
         _base_dir(base_dir),
     )
     servers = root.section("servers", ("businessDataTunnel", "proxy"))
     bdt = servers.section("businessDataTunnel", ("port", "bindAddress", "externalHost", "externalPort", "tls",
-                                                 "maxTunnelsPerIdentity", "maxStreamsPerTenant"))
+                                                 "maxTunnelsPerIdentity", "maxStreamsPerTenant", "ingress"))
     tunnel_port = bdt.port("port", DEFAULT_TUNNEL_PORT, listener=True)
     listener = TunnelListenerConfig(
         port=tunnel_port,
@@ -911,6 +1018,7 @@ def proxy_config_from_mapping(
                                              1, 1_000_000),
         max_streams_per_tenant=bdt.integer("maxStreamsPerTenant", TunnelListenerConfig.max_streams_per_tenant,
                                            1, 10_000_000),
+        ingress=_parse_ingress(bdt),
     )
     proxy = servers.section("proxy", ("http", "socks5", "authorization", "clientConnection"))
     http = _parse_http(proxy)
@@ -926,6 +1034,7 @@ def proxy_config_from_mapping(
         tenant_mode=root.choice("tenantMode", "dedicated", TENANT_MODES),
         subaccount_id=root.optional_string("subaccountId"),
         high_availability_mode=_parse_high_availability(root),
+        high_availability=_parse_replicas(root),
         tunnel_listener=listener,
         http=http,
         socks5=socks5,
@@ -993,6 +1102,8 @@ def check_proxy_config(config: ProxyConfig) -> None:
         )
     _check_tunnel(config.tunnel)
     listeners = [("servers.businessDataTunnel.port", config.tunnel_listener.port)]
+    if config.tunnel_listener.ingress.enabled:
+        listeners.append(("servers.businessDataTunnel.ingress.port", config.tunnel_listener.ingress.port))
     if config.http.enabled:
         listeners.append(("servers.proxy.http.port", config.http.port))
     if config.socks5.enabled:
@@ -1186,10 +1297,11 @@ def connector_config_from_mapping(
             "logging",
             "shutdown",
             "metrics",
+            "corporateProxy",
         ),
         _base_dir(base_dir),
     )
-    proxy = root.section("proxy", ("host", "port", "serverName"))
+    proxy = root.section("proxy", ("host", "port", "serverName", "highAvailabilityMode"))
     logging = root.section("logging", ("format", "level"))
     reconnect = root.section("reconnect", ("initialDelaySeconds", "maxDelaySeconds", "fastRetries"))
     dr = ReconnectConfig()
@@ -1207,7 +1319,9 @@ def connector_config_from_mapping(
             host=_parse_host(proxy, "host") if proxy.has("host") else ProxyEndpointConfig.host,
             port=proxy.port("port", DEFAULT_TUNNEL_PORT, listener=False),
             server_name=proxy.optional_string("serverName"),
+            high_availability_mode=_parse_high_availability(proxy),
         ),
+        corporate_proxy=_parse_corporate_proxy(root),
         tls=_parse_tls(root, "caFile"),
         tunnel=_parse_tunnel(root),
         reconnect=ReconnectConfig(
@@ -1234,6 +1348,33 @@ def connector_config_from_mapping(
     )
     check_connector_config(config)
     return config
+
+
+def _parse_corporate_proxy(root: _Section) -> CorporateProxyConfig:
+    section = root.section("corporateProxy", ("url", "noProxy", "useEnvironment"))
+    url = section.optional_string("url")
+    if url is not None:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise section.fail("url", f"not a URL: {e}") from None
+        if parts.scheme != "http" or not parts.hostname or port is None:
+            raise section.fail("url", f"expected http://[user:password@]host:port, got {_show(url)}")
+    raw = section.raw("noProxy")
+    items: list[object] = list(raw.split(",")) if isinstance(raw, str) else section.sequence("noProxy")
+    no_proxy = []
+    for item in items:
+        if not isinstance(item, str):
+            raise section.fail("noProxy", f"expected host names, addresses or CIDRs, got {_show(item)}")
+        if item.strip():
+            no_proxy.append(item.strip().lower())
+    return CorporateProxyConfig(
+        url=url, no_proxy=tuple(no_proxy),
+        use_environment=section.boolean("useEnvironment", CorporateProxyConfig.use_environment),
+    )
 
 
 def check_connector_config(config: ConnectorConfig) -> None:

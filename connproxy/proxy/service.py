@@ -25,6 +25,7 @@ from connproxy.proxy.auth import Authorizer, KeyStore, make_authorizer
 from connproxy.proxy.http_frontend import HttpProxyFactory
 from connproxy.proxy.metrics import MetricsResource, ProxyMetrics
 from connproxy.proxy.registry import ConnectorRegistry
+from connproxy.proxy.replicas import read_client_cas, replica_set_for
 from connproxy.proxy.routing import Router
 from connproxy.proxy.socks import Socks5Factory
 from connproxy.proxy.tunnel_listener import ProxyTunnelFactory
@@ -62,16 +63,29 @@ class ProxyService(MultiService):
         settings, timers = settings_from(config)
         cert, key, ca = resolve_tls_files(config.tunnel_listener.tls, proxy=True)
         options = tls.server_options_from_files(cert, key, ca)
-        self.tunnel_factory = ProxyTunnelFactory(
-            self.registry, reactor, settings, timers, replica_id=socket.gethostname(), audit_writer=audit_writer
-        )
         listener = config.tunnel_listener
+        self.replicas, discovery = replica_set_for(config, reactor)
+        self.tunnel_factory = ProxyTunnelFactory(
+            self.registry, reactor, settings, timers, replica_id=socket.gethostname(), audit_writer=audit_writer,
+            replicas=self.replicas, ingress=listener.ingress if listener.ingress.enabled else None,
+            client_cas=read_client_cas(ca),
+        )
+        if discovery is not None:
+            discovery.setServiceParent(self)
         self.tunnel_listener = Listener(
             "tunnel listener",
             SSL4ServerEndpoint(reactor, listener.port, options, interface=listener.bind_address),
             self.tunnel_factory,
         )
         self.tunnel_listener.setServiceParent(self)
+        self.ingress_listener: Listener | None = None
+        if listener.ingress.enabled:
+            self.ingress_listener = Listener(
+                "tunnel ingress listener (plain HTTP)",
+                TCP4ServerEndpoint(reactor, listener.ingress.port, interface=listener.ingress.bind_address),
+                self.tunnel_factory.ingress_factory(),
+            )
+            self.ingress_listener.setServiceParent(self)
         oauth = config.oauth
         self.key_store: KeyStore | None = None
         if config.authorization_enabled and oauth is not None:
