@@ -7,6 +7,7 @@ Each replica is its own ``twistd -n connproxy`` process with its own ports; conn
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from tests.harness import _merge, free_port
 
 reactor: Any = global_reactor
 BIN = Path(sys.executable).parent
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
 class Child(ProcessProtocol):
@@ -87,8 +89,13 @@ class Fleet:
     def pki_files(self) -> Any:
         return self.pki.write(self.tmp / "pki")
 
-    def add_replicas(self, count: int, **overrides: Any) -> list[Replica]:
-        """Write the configuration of ``count`` replicas ``connectivity-proxy-<n>`` (not started)."""
+    def add_replicas(self, count: int, *, mode: str = "off", external_port: int | None = None,
+                     **overrides: Any) -> list[Replica]:
+        """Write the configuration of ``count`` replicas ``connectivity-proxy-<n>`` (not started).
+
+        With a ``mode`` other than ``off`` they form one static replica set, each with a plain ingress listener
+        trusting 127.0.0.1 only, and tell connectors to come through ``localhost:external_port``.
+        """
         files = self.pki_files()
         names = [f"connectivity-proxy-{n}" for n in range(count)]
         for name in names:
@@ -112,6 +119,16 @@ class Fleet:
                 "tunnel": {"pingIntervalSeconds": 2, "deadAfterSeconds": 6},
                 "metrics": {"prometheus": {"enabled": False}},
             }
+            if mode != "off":
+                _merge(data, {
+                    "highAvailabilityMode": mode,
+                    "highAvailability": {"replicas": names},
+                    "servers": {"businessDataTunnel": {
+                        "externalHost": "localhost", "externalPort": external_port or replica.tunnel_port,
+                        "ingress": {"enabled": True, "port": replica.ingress_port, "bindAddress": "127.0.0.1",
+                                    "trustedSources": ["127.0.0.1/32"]},
+                    }},
+                })
             _merge(data, overrides)
             replica.config.write_text(yaml.safe_dump(data))
             self.replicas.append(replica)
@@ -150,6 +167,14 @@ class Fleet:
         self.connectors.append(child)
         return child
 
+    def start_nginx(self, port: int) -> Child:
+        """NGINX terminating TLS (client certificates verified) in front of the replicas' ingress listeners."""
+        conf = nginx_config(self.tmp, port, self.pki_files(), self.replicas)
+        child = spawn("nginx", [NGINX, "-p", str(self.tmp), "-c", str(conf), "-e", str(self.tmp / "nginx-error.log"),
+                                "-g", "daemon off;"])
+        self.others.append(child)
+        return child
+
     @staticmethod
     def kill(child: Child, sig: int = signal.SIGKILL) -> None:
         if child.pid is not None and not child.ended.called:
@@ -167,3 +192,64 @@ class Fleet:
                 yield c.ended
                 if timer.active():
                     timer.cancel()
+
+
+NGINX_CONF = """\
+user root;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {tmp}/nginx-access.log;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+
+    upstream connectivity-proxy-any {{
+{any_servers}
+    }}
+
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name localhost;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_client_certificate {ca};
+        ssl_verify_client on;
+        ssl_verify_depth 2;
+
+        proxy_http_version 1.1;
+        proxy_set_header Host $host;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $connection_upgrade;
+        # The verified connector certificate, URL-encoded PEM; the replica trusts it from this address only.
+        proxy_set_header ssl-client-cert $ssl_client_escaped_cert;
+        proxy_connect_timeout 5s;
+        proxy_read_timeout 3600s;
+        proxy_send_timeout 3600s;
+
+        location = /connectivity {{
+            proxy_pass http://connectivity-proxy-any;
+        }}
+{replica_locations}
+    }}
+}}
+"""
+
+
+def nginx_config(tmp: Path, port: int, files: Any, replicas: list[Replica]) -> Path:
+    """The NGINX configuration of the path-mode tests (also shown in docs/high-availability.md)."""
+    any_servers = "\n".join(f"        server 127.0.0.1:{r.ingress_port};" for r in replicas)
+    locations = "\n".join(
+        f"        location = /{r.name} {{\n            proxy_pass http://127.0.0.1:{r.ingress_port};\n        }}"
+        for r in replicas
+    )
+    path = tmp / "nginx.conf"
+    path.write_text(NGINX_CONF.format(tmp=tmp, port=port, cert=files.proxy_cert, key=files.proxy_key,
+                                      ca=files.ca_cert, any_servers=any_servers, replica_locations=locations))
+    return path

@@ -386,8 +386,9 @@ class ReconnectConfig:
     """``reconnect``: back-off for (re)connecting to the proxy."""
 
     initial_delay_seconds: float = 0.2
-    #: Low, so that a restarted proxy is found again within seconds (a refused dial costs the proxy nothing).
-    max_delay_seconds: float = 5.0
+    #: Low, so that a restarted proxy (replica) is found again within about 2 s of listening: while one is down,
+    #: each connector dials it about once a second (a refused dial or an ingress 502 costs little).
+    max_delay_seconds: float = 2.0
     fast_retries: int = 3
 
 

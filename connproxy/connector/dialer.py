@@ -37,7 +37,7 @@ from connproxy.tunnel.connection import TunnelConnection
 from connproxy.tunnel.settings import CAPABILITIES, settings_from
 from connproxy.tunnel.stream import TunnelStream
 from connproxy.wire.errors import ErrorCode
-from connproxy.wire.events import GoAwayReceived, HelloReceived
+from connproxy.wire.events import GoAwayReceived, HelloReceived, ReplicasReceived
 from connproxy.wire.session import Role
 
 #: Growth of the backoff ceiling per failed attempt after the fast retries.
@@ -119,6 +119,11 @@ class ConnectorTunnel(TunnelConnection):
         else:
             self.refusal = f"{event.code.name}: {event.reason}"
 
+    def replicas_received(self, event: ReplicasReceived) -> None:
+        """The proxy's replica set changed: tell the replica manager (several replicas only)."""
+        if self.service.manager is not None:
+            self.service.manager.replicas_announced(self.service, event.replicas)
+
     def stream_opened(self, stream: TunnelStream) -> None:
         """Serve the stream (access control, backend)."""
         self.service.dialer.handle(self, stream)
@@ -144,6 +149,10 @@ class ConnectorService(Service):
 
     :param endpoint_factory: builds a fresh client endpoint per attempt (so the host name is resolved again);
         by default TLS over ``HostnameEndpoint`` to ``config.proxy``.
+    :param route: with several replicas, the replica this loop keeps a tunnel to (``None``: any replica);
+        a tunnel that lands on another replica is closed and dialled again.
+    :param dialer: the backend dialer (shared by the loops of several replicas).
+    :param manager: the :class:`connproxy.connector.replicas.ReplicaConnector` owning this loop, if any.
     """
 
     log = Logger()
@@ -157,12 +166,17 @@ class ConnectorService(Service):
         *,
         rng: Callable[[], float] = random.random,
         audit_writer: audit.AuditWriter | None = None,
+        route: Any = None,
+        dialer: BackendDialer | None = None,
+        manager: Any = None,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
         self.config = config
         self.endpoint_factory = endpoint_factory
-        self.dialer = BackendDialer(reactor, config, audit_writer=audit_writer)
+        self.dialer = dialer or BackendDialer(reactor, config, audit_writer=audit_writer)
+        self.route = route
+        self.manager = manager
         self.rng = rng
         self.attempt = 0
         #: Tunnels in a row that died within :attr:`stable_after` of their handshake.
@@ -228,8 +242,9 @@ class ConnectorService(Service):
         self.connections += 1
         config = self.config
         self.log.info(
-            "connecting to proxy {host}:{port} (attempt {attempt})", host=config.proxy.host, port=config.proxy.port,
-            attempt=self.attempt + 1,
+            "connecting to proxy {host}:{port}{replica} (attempt {attempt})", host=config.proxy.host,
+            port=config.proxy.port, attempt=self.attempt + 1,
+            replica=f" replica {self.route.name}" if self.route is not None else "",
         )
         try:
             endpoint = self.endpoint_factory()
@@ -272,7 +287,19 @@ class ConnectorService(Service):
     # ------------------------------------------------------------------ tunnel callbacks
 
     def tunnel_up(self, tunnel: ConnectorTunnel, hello: dict[str, Any]) -> None:
-        """The handshake completed: the dial succeeded, so the failed-dial count starts over."""
+        """The handshake completed: the dial succeeded, so the failed-dial count starts over.
+
+        With several replicas the manager may refuse the tunnel (it landed on another replica than this loop's, or
+        on one that already has a tunnel): it is closed and counts as a failed dial.
+        """
+        if self.manager is not None:
+            refusal = self.manager.tunnel_established(self, tunnel, hello)
+            if refusal is not None:
+                tunnel.refusal = refusal
+                tunnel.established_at = None
+                self.log.warn("closing the tunnel: {why}", why=refusal)
+                tunnel.fail(ErrorCode.NORMAL, refusal)
+                return
         self.tunnel = tunnel
         self.attempt = 0
         self.log.info(
@@ -333,6 +360,13 @@ def connector_endpoint_factory(reactor: Any, config: ConnectorConfig) -> Callabl
 
 
 def make_connector_service(config: ConnectorConfig, reactor: Any,
-                           audit_writer: audit.AuditWriter | None = None) -> ConnectorService:
-    """The connector service for ``config``."""
-    return ConnectorService(reactor, config, connector_endpoint_factory(reactor, config), audit_writer=audit_writer)
+                           audit_writer: audit.AuditWriter | None = None) -> Any:
+    """The connector service for ``config``: one tunnel (:class:`ConnectorService`), or with
+    ``proxy.highAvailabilityMode`` ``path``/``subdomain`` one per replica
+    (:class:`connproxy.connector.replicas.ReplicaConnector`)."""
+    from connproxy.connector.replicas import ReplicaConnector, endpoint_builder
+
+    build = endpoint_builder(reactor, config)
+    if config.proxy.high_availability_mode == "off":
+        return ConnectorService(reactor, config, lambda: build(None), audit_writer=audit_writer)
+    return ReplicaConnector(reactor, config, build, audit_writer=audit_writer)
