@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 
 from tests.harness import _merge, free_port
 
@@ -253,3 +253,88 @@ def nginx_config(tmp: Path, port: int, files: Any, replicas: list[Replica]) -> P
     path.write_text(NGINX_CONF.format(tmp=tmp, port=port, cert=files.proxy_cert, key=files.proxy_key,
                                       ca=files.ca_cert, any_servers=any_servers, replica_locations=locations))
     return path
+
+
+# ------------------------------------------------------------------------------------------------ SNI router
+
+
+def client_hello_sni(data: bytes) -> str | None | bool:
+    """The SNI host name in a TLS ClientHello; ``False`` while more bytes are needed, ``None`` for none."""
+    if len(data) < 5:
+        return False
+    if data[0] != 0x16:
+        return None
+    record = 5 + int.from_bytes(data[3:5], "big")
+    if len(data) < record:
+        return False
+    body = data[5:record]
+    try:
+        pos = 4 + 2 + 32  # handshake header, version, random
+        pos += 1 + body[pos]  # session id
+        pos += 2 + int.from_bytes(body[pos:pos + 2], "big")  # cipher suites
+        pos += 1 + body[pos]  # compression methods
+        end = pos + 2 + int.from_bytes(body[pos:pos + 2], "big")
+        pos += 2
+        while pos + 4 <= end:
+            ext_type = int.from_bytes(body[pos:pos + 2], "big")
+            ext_len = int.from_bytes(body[pos + 2:pos + 4], "big")
+            if ext_type == 0:
+                name_len = int.from_bytes(body[pos + 7:pos + 9], "big")
+                return body[pos + 9:pos + 9 + name_len].decode("ascii")
+            pos += 4 + ext_len
+    except IndexError:
+        return None
+    return None
+
+
+class SniRouter(Protocol):
+    """TLS passthrough by SNI (what NGINX's ``ssl_preread`` does): picks the backend port, then relays bytes."""
+
+    def __init__(self, routes: dict[str, int], default: list[int]) -> None:
+        self.routes = routes
+        self.default = default
+        self.buffer = b""
+        self.back: Protocol | None = None
+        self.chosen = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.back is not None and self.back.transport is not None:
+            self.back.transport.write(data)
+            return
+        self.buffer += data
+        if self.chosen:
+            return
+        sni = client_hello_sni(self.buffer)
+        if sni is False:
+            return
+        self.chosen = True
+        port = self.routes.get(sni) if isinstance(sni, str) else None
+        if port is None:
+            self.default.append(self.default.pop(0))  # round robin for "any replica"
+            port = self.default[0]
+        me = self
+
+        class Back(Protocol):
+            def connectionMade(self) -> None:
+                assert self.transport is not None
+                me.back = self
+                self.transport.write(me.buffer)
+                me.buffer = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                if me.transport is not None:
+                    me.transport.write(data)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                if me.transport is not None:
+                    me.transport.loseConnection()
+
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+        from twisted.internet.protocol import Factory
+
+        d = TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(Back))
+        d.addErrback(lambda _f: self.transport.loseConnection() if self.transport is not None else None)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.back is not None and self.back.transport is not None:
+            self.back.transport.loseConnection()
