@@ -283,6 +283,8 @@ class ConnectorService(Service):
         )
         self.log.info("retrying in {delay:.2f}s ({why})", delay=delay, why=why)
         self._retry = self.clock.callLater(delay, self._dial)
+        if self.manager is not None:
+            self.manager.dial_failed(self)
 
     # ------------------------------------------------------------------ tunnel callbacks
 

@@ -12,7 +12,8 @@ replica, each with its own reconnect loop, all reached through ``proxy.host:prox
   (``proxy.host`` while no replica is known).
 
 It starts with one loop to any replica. Its first tunnel reveals the set: that loop becomes the loop of the
-replica it landed on, and a loop starts for every other replica. Replicas that join get a loop, replicas that
+replica it landed on, and a loop starts for every other replica. While no replica has a tunnel, a loop to any
+replica runs again, so that a set that changed entirely while the connector was cut off is learnt anew. Replicas that join get a loop, replicas that
 leave lose theirs (its tunnel drains). A tunnel that lands on another replica than its loop's (HELLO reply
 ``replica_id``) is closed and dialled again with backoff; a tunnel to a replica that already has one is closed.
 Loops are keyed by replica name, so there is never more than one per replica.
@@ -169,17 +170,23 @@ class ReplicaConnector(MultiService):
 
     def startService(self) -> None:
         """Start the loops (at first one loop to any replica)."""
-        if not self.loops and self.bootstrap is None:
-            self.bootstrap = self._new_loop(None)
         super().startService()
+        if not self.loops and self.bootstrap is None:
+            self._new_loop(None)
 
     def _new_loop(self, route: ReplicaRoute | None) -> ConnectorService:
+        """A new loop, started if we run; with ``route`` ``None`` it is the loop to any replica (:attr:`bootstrap`,
+        set before it starts, as its first dial may fail at once)."""
         holder: list[ConnectorService] = []
         loop = ConnectorService(
             self.reactor, self.config, lambda: self.endpoint_for(holder[0].route), rng=self.rng,
             dialer=self.dialer, manager=self, route=route,
         )
         holder.append(loop)
+        if route is None:
+            self.bootstrap = loop
+        else:
+            self.loops[route.name] = loop
         loop.setServiceParent(self)  # started now if we are running
         return loop
 
@@ -246,6 +253,13 @@ class ReplicaConnector(MultiService):
             self._fire_up(tunnel)
         return refusal
 
+    def dial_failed(self, loop: ConnectorService) -> None:
+        """A loop will retry. When no replica has a tunnel, also dial *any* replica again: the set may have changed
+        entirely while we were cut off (renamed, scaled), and any replica's HELLO reply brings it up to date."""
+        if self.running and self.bootstrap is None and self.loops and not self.established():
+            log.info("no tunnel to any known replica: also dialling any replica to learn the current set")
+            self._new_loop(None)
+
     def replicas_announced(self, loop: ConnectorService, raw: list[Any]) -> None:
         """A REPLICAS frame arrived on ``loop``'s tunnel."""
         routes = parse_routes(raw)
@@ -260,7 +274,7 @@ class ReplicaConnector(MultiService):
             loop = self.loops.get(name)
             if loop is None:
                 log.info("replica {name} announced: dialling it", name=name)
-                self.loops[name] = self._new_loop(route)
+                self._new_loop(route)
             else:
                 loop.route = route
         for name in [n for n in self.loops if n not in routes]:

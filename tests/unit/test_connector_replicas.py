@@ -90,7 +90,7 @@ class ReplicaConnectorTests(SynchronousTestCase):
         self.assertEqual(len(self.connector.established()), 2)
         self.assertIsNone(self.connector.bootstrap)  # the set is known: no "any replica" loop any more
         # Were one still dialling (a race), its tunnel to a replica that has one is closed and the loop ends.
-        late = self.connector.bootstrap = self.connector._new_loop(None)
+        late = self.connector._new_loop(None)
         duplicate = self.endpoints.built[2].protocol
         land(duplicate, 0, announce(0, 1))
         self.assertIn("already has a tunnel", duplicate.refusal)
@@ -107,6 +107,26 @@ class ReplicaConnectorTests(SynchronousTestCase):
         self.assertEqual(sorted(self.connector.loops), ["connectivity-proxy-0", "connectivity-proxy-2"])
         self.assertFalse(loop1.running)
         self.assertEqual(self.endpoints.routes[-1], ReplicaRoute("connectivity-proxy-2", 2, "/connectivity-proxy-2"))
+
+    def test_with_no_tunnel_left_any_replica_is_dialled_again_to_learn_the_set(self) -> None:
+        first = self.endpoints.built[0].protocol
+        land(first, 0, announce(0, 1))
+        second = self.endpoints.built[1].protocol
+        self.endpoints.default = "fail"
+        second.connectionLost(Failure(ConnectionError("gone")))  # replica 1's tunnel: replica 0 still has one
+        self.assertIsNone(self.connector.bootstrap)
+        first.connectionLost(Failure(ConnectionError("gone")))  # now none is left
+        boot = self.connector.bootstrap
+        self.assertIsNotNone(boot)
+        self.endpoints.default = "ok"
+        self.reactor.advance(1.0)
+        # The set was renamed meanwhile: the new one replaces the old loops.
+        fresh = [e.protocol for e, r in zip(self.endpoints.built, self.endpoints.routes, strict=True)
+                 if r is None and e.protocol is not None and e.protocol is not first][-1]
+        land(fresh, 7, announce(7, 8))
+        self.assertEqual(sorted(self.connector.loops), ["connectivity-proxy-7", "connectivity-proxy-8"])
+        self.assertIs(self.connector.loops["connectivity-proxy-7"], boot)
+        self.assertIsNone(self.connector.bootstrap)
 
     def test_a_proxy_without_replicas_keeps_one_tunnel(self) -> None:
         proxy = FakeProxy(self.endpoints.built[0].protocol)
