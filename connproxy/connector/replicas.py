@@ -249,7 +249,7 @@ class ReplicaConnector(MultiService):
         self._follow(routes)
         if refusal is None:
             log.info("tunnel to replica {name} up ({count} of {total} replicas)", name=landed,
-                     count=len(self.established()) + 1, total=len(self.loops))
+                     count=len(self.established()), total=len(self.loops))
             self._fire_up(tunnel)
         return refusal
 
