@@ -20,8 +20,9 @@ Conventions:
 * An explicit ``null`` (``key:`` with nothing after it) means the same as leaving the key out.
 * Booleans must be YAML booleans (``true``/``false``; PyYAML also reads ``yes``/``no``/``on``/``off``),
   integers must be integers (``8042``, not ``"8042"`` or ``8042.0``); seconds may be integers or floats.
-* Listener ports (``servers.businessDataTunnel.port``, ``servers.proxy.{http,socks5}.port``,
-  ``metrics.prometheus.port``) also accept ``0``: an ephemeral port, for tests.
+* Listener ports (``servers.businessDataTunnel.port``, ``servers.businessDataTunnel.ingress.port``,
+  ``servers.proxy.{http,socks5}.port``, ``metrics.prometheus.port``) also accept ``0``: an ephemeral port, for
+  tests.
 * Duplicate keys in one YAML mapping are an error (PyYAML would silently keep the last one).
 * File paths in a file loaded with :func:`load_proxy_config`/:func:`load_connector_config` are resolved
   relative to the directory of that file; the ``*_from_mapping`` functions take an optional ``base_dir``
@@ -30,7 +31,9 @@ Conventions:
   ``servers.proxy.http.{allowConnect,maxLineBytes,maxHeaderBytes}``,
   ``servers.proxy.authorization.oauth.{tokenKeysFile,tokenKeysUrl,uaaDomain,leewaySeconds}``,
   ``servers.proxy.clientConnection.{idleTimeoutSeconds,handshakeTimeoutSeconds,firstByteTimeoutSeconds}``,
-  ``metrics.prometheus.bindAddress`` and the ``tunnel`` block. SAP keys connproxy does not implement
+  ``metrics.prometheus.bindAddress``, the ``tunnel`` block, ``highAvailability``,
+  ``servers.businessDataTunnel.ingress`` and the connector's ``proxy.highAvailabilityMode`` and ``corporateProxy``
+  (docs/high-availability.md). SAP keys connproxy does not implement
   (``subaccountSubdomain``, ``rfcAndLdap``, ...) are refused like any unknown key, with a note saying so.
 * Constructing the dataclasses directly (or with :func:`dataclasses.replace`) does not validate; call
   :func:`check_proxy_config`/:func:`check_connector_config` for the cross-field rules and
@@ -58,6 +61,7 @@ from connproxy.config.connector import (
 from connproxy.config.model import (
     DEFAULT_CONNECTOR_METRICS_PORT,
     DEFAULT_HTTP_PORT,
+    DEFAULT_INGRESS_PORT,
     DEFAULT_METRICS_PORT,
     DEFAULT_SOCKS5_PORT,
     DEFAULT_TUNNEL_PORT,
@@ -71,8 +75,11 @@ from connproxy.config.model import (
     BackendConfig,
     ClientConnectionConfig,
     ConnectorConfig,
+    CorporateProxyConfig,
     FrontEndConfig,
+    HighAvailabilityConfig,
     HttpFrontEndConfig,
+    IngressListenerConfig,
     LoggingConfig,
     MetricsConfig,
     OAuthConfig,
@@ -102,6 +109,7 @@ __all__ = [
     "CONNECTOR_KEYS",
     "DEFAULT_CONNECTOR_METRICS_PORT",
     "DEFAULT_HTTP_PORT",
+    "DEFAULT_INGRESS_PORT",
     "DEFAULT_METRICS_PORT",
     "DEFAULT_SOCKS5_PORT",
     "DEFAULT_TUNNEL_PORT",
@@ -118,8 +126,11 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "ConnectorConfig",
+    "CorporateProxyConfig",
     "FrontEndConfig",
+    "HighAvailabilityConfig",
     "HttpFrontEndConfig",
+    "IngressListenerConfig",
     "Key",
     "LoggingConfig",
     "MetricsConfig",

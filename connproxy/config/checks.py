@@ -206,6 +206,7 @@ def proxy_port_problems(config: ProxyConfig, context: Context) -> None:
     """Record the enabled listeners of ``config`` whose port cannot be bound now."""
     addresses = {
         "servers.businessDataTunnel.port": config.tunnel_listener.bind_address,
+        "servers.businessDataTunnel.ingress.port": config.tunnel_listener.ingress.bind_address,
         "servers.proxy.http.port": config.interface_for(config.http),
         "servers.proxy.socks5.port": config.interface_for(config.socks5),
         "metrics.prometheus.port": config.metrics.bind_address,

@@ -1,11 +1,20 @@
-"""Blocks both configurations share: ``tunnel``, ``logging``, ``shutdown`` and ``tls``, declared once and read once."""
+"""Blocks both configurations share: ``tunnel``, ``logging``, ``shutdown`` and ``tls``, declared once and read once
+(and the ``highAvailabilityMode`` value type)."""
 
 from __future__ import annotations
 
 from typing import Final
 
-from connproxy.config.model import LOG_FORMATS, LOG_LEVELS, LoggingConfig, ShutdownConfig, TlsFiles, TunnelTuning
-from connproxy.config.reader import Choice, Context, FilePath, Integer, Key, Seconds, Section, block
+from connproxy.config.model import (
+    HIGH_AVAILABILITY_MODES,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LoggingConfig,
+    ShutdownConfig,
+    TlsFiles,
+    TunnelTuning,
+)
+from connproxy.config.reader import Choice, Context, Custom, FilePath, Integer, Key, Seconds, Section, block
 
 _MAX_WINDOW: Final = 2**31 - 1
 _TUNNEL: Final = TunnelTuning()
@@ -39,6 +48,16 @@ SHUTDOWN_KEY: Final = block(
     Key("drainTimeoutSeconds", Seconds(), ShutdownConfig.drain_timeout_seconds,
         "Streams in flight may finish for this long; then they are reset and the process exits."),
 )
+
+
+def _read_high_availability_mode(section: Section, name: str, value: object) -> str:
+    if value is False:  # an unquoted `off` is YAML 1.1 for false
+        return "off"
+    return str(Choice(HIGH_AVAILABILITY_MODES).read(section, name, value))
+
+
+#: The type of ``highAvailabilityMode`` (proxy, top level) and ``proxy.highAvailabilityMode`` (connector).
+HIGH_AVAILABILITY_MODE: Final = Custom(" | ".join(HIGH_AVAILABILITY_MODES), _read_high_availability_mode)
 
 
 def read_tunnel(root: Section) -> TunnelTuning:

@@ -10,8 +10,10 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from connproxy.config.common import (
+    HIGH_AVAILABILITY_MODE,
     LOGGING_KEY,
     SHUTDOWN_KEY,
     TUNNEL_KEY,
@@ -31,6 +33,7 @@ from connproxy.config.model import (
     AccessRule,
     BackendConfig,
     ConnectorConfig,
+    CorporateProxyConfig,
     MetricsConfig,
     ProxyEndpointConfig,
     ReconnectConfig,
@@ -121,11 +124,39 @@ def _read_resource_path(section: Section, name: str, value: object) -> str:
     return path
 
 
+def _read_proxy_url(section: Section, name: str, value: object) -> str:
+    """``corporateProxy.url``: ``http://[user:password@]host:port``."""
+    url = Text().read(section, name, value)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise section.fail(name, f"not a URL: {e}") from None
+    if parts.scheme != "http" or not parts.hostname or port is None:
+        raise section.fail(name, f"expected http://[user:password@]host:port, got {show(url)}")
+    return url
+
+
+def _read_no_proxy(section: Section, name: str, value: object) -> tuple[str, ...]:
+    """``corporateProxy.noProxy``: a list, or one comma-separated string as in ``NO_PROXY``; entries stripped and
+    lower-cased, empty ones dropped."""
+    items: list[object] = list(value.split(",")) if isinstance(value, str) else (
+        value if isinstance(value, list) else [value])
+    no_proxy: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise section.fail(name, f"expected host names, addresses or CIDRs, got {show(item)}")
+        if item.strip():
+            no_proxy.append(item.strip().lower())
+    return tuple(no_proxy)
+
+
 def _unused(section: Section, name: str, value: object) -> Any:  # pragma: no cover - read by _read_port_spec
     raise AssertionError(f"{section.at(name)} depends on the protocol and is read by _read_port_spec")
 
 
 _RECONNECT: Final = ReconnectConfig()
+_CORPORATE: Final = CorporateProxyConfig()
 _PORT_SPEC_TEXT: Final = "port 1-65535, or a range 'first-last' (TCP, TCP_TLS)"
 
 CONNECTOR_KEYS: Final[tuple[Key, ...]] = (
@@ -139,7 +170,21 @@ CONNECTOR_KEYS: Final[tuple[Key, ...]] = (
           Key("host", Custom("host name or IP address", _read_host), ProxyEndpointConfig.host, "Proxy host."),
           Key("port", Port(listener=False), DEFAULT_TUNNEL_PORT, "Proxy tunnel port."),
           Key("serverName", Text(), None, "Name verified in the proxy's certificate (and sent as SNI).",
-              default_text="host")),
+              default_text="host"),
+          Key("highAvailabilityMode", HIGH_AVAILABILITY_MODE, ProxyEndpointConfig.high_availability_mode,
+              "off: one tunnel; path/subdomain: one tunnel per replica the proxy announces, reached through "
+              "host:port by HTTP/1.1 Upgrade at /connectivity-proxy-<n> or by SNI connectivity-proxy-<n>.<host> "
+              "(see docs/high-availability.md).")),
+    block("corporateProxy", "An HTTP proxy the connector reaches the proxy through, with CONNECT "
+          "(see docs/high-availability.md).",
+          Key("url", Custom("http://[user:password@]host:port", _read_proxy_url), _CORPORATE.url,
+              "The corporate proxy (Basic credentials from the URL).",
+              default_text="HTTPS_PROXY if useEnvironment, else none"),
+          Key("noProxy", Custom("list, or comma-separated string, of hosts, addresses or CIDRs", _read_no_proxy),
+              _CORPORATE.no_proxy, "Dialled directly; a leading dot or *. matches subdomains.",
+              default_text="NO_PROXY if useEnvironment, else []"),
+          Key("useEnvironment", Bool(), _CORPORATE.use_environment,
+              "Without url, read HTTPS_PROXY/https_proxy and NO_PROXY/no_proxy at start-up.")),
     tls_key("Client certificate of this connector and the CA of the proxy's certificate. Left out: the development "
             "PKI minted into the state folder (not for production).",
             "caFile", "PEM CA certificate that signs the proxy's certificate."),
@@ -257,6 +302,7 @@ def build_connector_config(data: Mapping[str, Any] | None, context: Context) -> 
     root = Section(data, "", CONNECTOR_KEYS, context)
     proxy = root.section("proxy")
     reconnect = root.section("reconnect")
+    corporate = root.section("corporateProxy")
     metrics = root.section("metrics").section("prometheus")
     rules: list[AccessRule] = []
     indexes: list[int] = []
@@ -270,13 +316,19 @@ def build_connector_config(data: Mapping[str, Any] | None, context: Context) -> 
         location_id=root.get("locationId"),
         connector_id=root.get("connectorId", socket.gethostname()),
         proxy=ProxyEndpointConfig(host=proxy.get("host"), port=proxy.get("port"),
-                                  server_name=proxy.get("serverName")),
+                                  server_name=proxy.get("serverName"),
+                                  high_availability_mode=proxy.get("highAvailabilityMode")),
         tls=read_tls(root, "caFile"),
         tunnel=read_tunnel(root),
         reconnect=ReconnectConfig(
             initial_delay_seconds=reconnect.get("initialDelaySeconds"),
             max_delay_seconds=reconnect.get("maxDelaySeconds"),
             fast_retries=reconnect.get("fastRetries"),
+        ),
+        corporate_proxy=CorporateProxyConfig(
+            url=corporate.get("url"),
+            no_proxy=corporate.get("noProxy"),
+            use_environment=corporate.get("useEnvironment"),
         ),
         backend=BackendConfig(connect_timeout_seconds=root.section("backend").get("connectTimeoutSeconds")),
         access_control=tuple(rules),

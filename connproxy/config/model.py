@@ -20,6 +20,7 @@ DEFAULT_HTTP_PORT: Final = 20003
 DEFAULT_SOCKS5_PORT: Final = 20004
 DEFAULT_METRICS_PORT: Final = 9494
 DEFAULT_CONNECTOR_METRICS_PORT: Final = 9495
+DEFAULT_INGRESS_PORT: Final = 8043
 
 TENANT_MODES: Final = ("dedicated", "shared")
 HIGH_AVAILABILITY_MODES: Final = ("off", "path", "subdomain")
@@ -74,6 +75,24 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True)
+class IngressListenerConfig:
+    """``servers.businessDataTunnel.ingress``: a plain-HTTP tunnel listener for an ingress that terminates TLS.
+
+    Only ``GET /healthcheck`` and the HTTP/1.1 ``Upgrade`` to the tunnel are served; the connector's verified
+    client certificate comes in ``client_certificate_header`` (NGINX ``ssl-client-cert``: URL-encoded PEM; Envoy
+    ``x-forwarded-client-cert``: ``Cert="..."``), believed only from ``trusted_sources`` (CIDRs).
+    """
+
+    enabled: bool = False
+    port: int = DEFAULT_INGRESS_PORT
+    bind_address: str = "0.0.0.0"
+    #: Stored lower-case.
+    client_certificate_header: str = "ssl-client-cert"
+    #: Normalised networks (``10.1.2.3`` becomes ``10.1.2.3/32``).
+    trusted_sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TunnelListenerConfig:
     """``servers.businessDataTunnel``: the TLS listener connectors dial.
 
@@ -89,6 +108,7 @@ class TunnelListenerConfig:
     max_tunnels_per_identity: int = 4
     #: Streams open at once for one tenant, over all its tunnels.
     max_streams_per_tenant: int = 10_000
+    ingress: IngressListenerConfig = field(default_factory=IngressListenerConfig)
 
 
 @dataclass(frozen=True)
@@ -165,12 +185,28 @@ class ReadinessConfig:
 
 
 @dataclass(frozen=True)
+class HighAvailabilityConfig:
+    """``highAvailability``: this replica's name and the replica set (docs/high-availability.md).
+
+    ``replica_name`` ``None`` means ``$POD_NAME``, else the host name. The set is ``replicas`` (a static list)
+    or, with ``headless_service``, the pods ``<statefulset>-<n>.<headlessService>`` that resolve, looked up every
+    ``discovery_interval_seconds``; with neither, the set is this replica alone.
+    """
+
+    replica_name: str | None = None
+    replicas: tuple[str, ...] = ()
+    headless_service: str | None = None
+    discovery_interval_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     """The whole proxy configuration (see ``contract.md``)."""
 
     tenant_mode: str = "dedicated"
     subaccount_id: str | None = None
     high_availability_mode: str = "off"
+    high_availability: HighAvailabilityConfig = field(default_factory=HighAvailabilityConfig)
     tunnel_listener: TunnelListenerConfig = field(default_factory=TunnelListenerConfig)
     http: HttpFrontEndConfig = field(default_factory=HttpFrontEndConfig)
     socks5: FrontEndConfig = field(default_factory=FrontEndConfig)
@@ -210,6 +246,9 @@ class ProxyEndpointConfig:
     host: str = "localhost"
     port: int = DEFAULT_TUNNEL_PORT
     server_name: str | None = None
+    #: ``off``: one tunnel; ``path``/``subdomain``: one tunnel per replica the proxy announces, reached through
+    #: ``host:port`` by HTTP/1.1 Upgrade at ``/connectivity-proxy-<n>`` or by SNI ``connectivity-proxy-<n>.<host>``.
+    high_availability_mode: str = "off"
 
     @property
     def verify_name(self) -> str:
@@ -218,11 +257,28 @@ class ProxyEndpointConfig:
 
 
 @dataclass(frozen=True)
+class CorporateProxyConfig:
+    """``corporateProxy``: an HTTP proxy the connector tunnels through with ``CONNECT`` (docs/high-availability.md).
+
+    ``url`` is ``http://[user:password@]host:port`` (Basic credentials). Without ``url`` and with
+    ``use_environment``, ``HTTPS_PROXY``/``https_proxy`` and ``NO_PROXY``/``no_proxy`` are read at start-up.
+    ``no_proxy`` lists host names (a leading dot or ``*.`` matches subdomains), IP addresses or CIDRs that are
+    dialled directly (stored stripped and lower-case).
+    """
+
+    url: str | None = None
+    no_proxy: tuple[str, ...] = ()
+    use_environment: bool = True
+
+
+@dataclass(frozen=True)
 class ReconnectConfig:
     """``reconnect``: back-off for (re)connecting to the proxy."""
 
     initial_delay_seconds: float = 0.2
-    max_delay_seconds: float = 30.0
+    #: Low, so that a restarted proxy (replica) is found again within about 2 s of listening: while one is down,
+    #: each connector dials it about once a second (a refused dial or an ingress 502 costs little).
+    max_delay_seconds: float = 2.0
     fast_retries: int = 3
 
 
@@ -271,6 +327,7 @@ class ConnectorConfig:
     tls: TlsFiles = field(default_factory=TlsFiles)
     tunnel: TunnelTuning = field(default_factory=TunnelTuning)
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
+    corporate_proxy: CorporateProxyConfig = field(default_factory=CorporateProxyConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     access_control: tuple[AccessRule, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -9,6 +9,8 @@ docs/configuration.md``). Tests fail if the parser does not read a declared key 
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -17,6 +19,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from connproxy.config.common import (
+    HIGH_AVAILABILITY_MODE,
     LOGGING_KEY,
     SHUTDOWN_KEY,
     TUNNEL_KEY,
@@ -30,14 +33,16 @@ from connproxy.config.common import (
 )
 from connproxy.config.model import (
     DEFAULT_HTTP_PORT,
+    DEFAULT_INGRESS_PORT,
     DEFAULT_METRICS_PORT,
     DEFAULT_SOCKS5_PORT,
     DEFAULT_TUNNEL_PORT,
-    HIGH_AVAILABILITY_MODES,
     TENANT_MODES,
     ClientConnectionConfig,
     FrontEndConfig,
+    HighAvailabilityConfig,
     HttpFrontEndConfig,
+    IngressListenerConfig,
     MetricsConfig,
     OAuthConfig,
     ProxyConfig,
@@ -80,6 +85,9 @@ _DOMAIN: Final = re.compile(
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
 _URL_CHARS: Final = re.compile(r"[!-~]+")  # printable ASCII, no space
+_HEADER_NAME: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an RFC 9110 token
+HA_PATH: Final = "highAvailability"
+INGRESS_PATH: Final = "servers.businessDataTunnel.ingress"
 
 #: SAP Connectivity proxy keys we recognise but do not implement, per section (for a better message).
 SAP_ONLY_KEYS: Final[Mapping[str, frozenset[str]]] = {
@@ -156,10 +164,57 @@ def _read_client_ids(section: Section, name: str, value: object) -> tuple[str, .
     return tuple(ids)
 
 
-def _read_high_availability(section: Section, name: str, value: object) -> str:
-    if value is False:  # an unquoted `off` is YAML 1.1 for false
-        return "off"
-    return str(Choice(HIGH_AVAILABILITY_MODES).read(section, name, value))
+def _list(section: Section, name: str, value: object) -> list[object]:
+    if not isinstance(value, list):
+        raise section.fail(name, f"expected a list, got {show(value)}")
+    return value
+
+
+def _read_replicas(section: Section, name: str, value: object) -> tuple[str, ...]:
+    """``highAvailability.replicas``: distinct replica names (one DNS label each, such as connectivity-proxy-0)."""
+    names: list[str] = []
+    for index, item in enumerate(_list(section, name, value)):
+        if not isinstance(item, str) or not _DOMAIN.fullmatch(item) or "." in item:
+            raise section.context.report(f"{section.at(name)}[{index}]",
+                                         f"expected a replica name such as connectivity-proxy-0, got {show(item)}")
+        names.append(item)
+    if len(set(names)) != len(names):
+        raise section.fail(name, "a replica is listed twice")
+    return tuple(names)
+
+
+def _read_dns_name(section: Section, name: str, value: object) -> str:
+    text = Text().read(section, name, value)
+    if not _DOMAIN.fullmatch(text):
+        raise section.fail(name, f"expected a DNS name, got {show(text)}")
+    return text
+
+
+def _read_discovery_interval(section: Section, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+        raise section.fail(name, f"expected a number >= 1, got {show(value)}")
+    return float(value)
+
+
+def _read_trusted_sources(section: Section, name: str, value: object) -> tuple[str, ...]:
+    """``ingress.trustedSources``: IP addresses or CIDRs, normalised to networks (``10.1.2.3`` -> ``10.1.2.3/32``;
+    host bits are dropped)."""
+    sources: list[str] = []
+    for index, item in enumerate(_list(section, name, value)):
+        try:
+            sources.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            raise section.context.report(
+                f"{section.at(name)}[{index}]",
+                f"expected an IP address or CIDR such as 10.0.0.0/8, got {show(item)}") from None
+    return tuple(sources)
+
+
+def _read_header_name(section: Section, name: str, value: object) -> str:
+    header = Text().read(section, name, value)
+    if not _HEADER_NAME.fullmatch(header):
+        raise section.fail(name, f"expected an HTTP header name, got {show(header)}")
+    return header.lower()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -169,6 +224,8 @@ _FE: Final = FrontEndConfig()
 _HTTP: Final = HttpFrontEndConfig()
 _CLIENT: Final = ClientConnectionConfig()
 _LISTENER: Final = TunnelListenerConfig()
+_INGRESS: Final = IngressListenerConfig()
+_HA: Final = HighAvailabilityConfig()
 
 
 def _front_end_keys(port: int, name: str) -> tuple[Key, ...]:
@@ -189,8 +246,20 @@ PROXY_KEYS: Final[tuple[Key, ...]] = (
         "(ext_attr.subaccountid, else zid)."),
     Key("subaccountId", Text(), None, "The tenant in dedicated mode (required there; ignored in shared mode).",
         default_text="(required in dedicated mode)"),
-    Key("highAvailabilityMode", Custom(" | ".join(HIGH_AVAILABILITY_MODES), _read_high_availability), "off",
+    Key("highAvailabilityMode", HIGH_AVAILABILITY_MODE, "off",
         "How connectors reach one replica of several (see docs/high-availability.md)."),
+    block(
+        "highAvailability", "This replica's name and the replica set, announced to connectors "
+        "(see docs/high-availability.md).",
+        Key("replicaName", Text(), _HA.replica_name, "This replica's name (connectivity-proxy-<n>).",
+            default_text="$POD_NAME, else the host name"),
+        Key("replicas", Custom("list of replica names", _read_replicas), _HA.replicas,
+            "A static replica set; leave out with headlessService.", default_text="[] (this replica alone)"),
+        Key("headlessService", Custom("DNS name", _read_dns_name), _HA.headless_service,
+            "Discover the set: the pods <statefulset>-<n>.<headlessService> that resolve; not with replicas."),
+        Key("discoveryIntervalSeconds", Custom("seconds >= 1", _read_discovery_interval),
+            _HA.discovery_interval_seconds, "How often headlessService is looked up."),
+    ),
     block(
         "servers", "The listeners.",
         block(
@@ -207,6 +276,21 @@ PROXY_KEYS: Final[tuple[Key, ...]] = (
                 "Tunnels one certificate identity (subaccount, location, connector id) may hold at once."),
             Key("maxStreamsPerTenant", Integer(1, 10_000_000), _LISTENER.max_streams_per_tenant,
                 "Streams open at once for one tenant, over all its tunnels."),
+            block(
+                "ingress", "A plain-HTTP tunnel listener behind an ingress that terminates TLS and forwards the "
+                "connector's client certificate (GET /healthcheck and the HTTP/1.1 Upgrade to the tunnel only).",
+                Key("enabled", Bool(), _INGRESS.enabled, "Run the ingress listener."),
+                Key("port", Port(listener=True), DEFAULT_INGRESS_PORT, "Listening port."),
+                Key("bindAddress", BindAddress(), _INGRESS.bind_address, "Address to listen on.", exposes=True),
+                Key("clientCertificateHeader", Custom("HTTP header name", _read_header_name),
+                    _INGRESS.client_certificate_header,
+                    "Header carrying the verified client certificate (NGINX ssl-client-cert: URL-encoded PEM; "
+                    "Envoy x-forwarded-client-cert)."),
+                Key("trustedSources", Custom("list of IP addresses or CIDRs", _read_trusted_sources),
+                    _INGRESS.trusted_sources,
+                    "Peers whose certificate header is believed (the ingress); required if enabled.",
+                    default_text="[] (required if enabled)"),
+            ),
         ),
         block(
             "proxy", "The front ends applications use.",
@@ -306,6 +390,7 @@ def build_proxy_config(data: Mapping[str, Any] | None, context: Context) -> Prox
     servers = root.section("servers")
     bdt = servers.section("businessDataTunnel")
     tunnel_port = bdt.get("port")
+    ingress = bdt.section("ingress")
     listener = TunnelListenerConfig(
         port=tunnel_port,
         bind_address=bdt.get("bindAddress"),
@@ -315,15 +400,29 @@ def build_proxy_config(data: Mapping[str, Any] | None, context: Context) -> Prox
         tls=read_tls(bdt, "clientCaFile"),
         max_tunnels_per_identity=bdt.get("maxTunnelsPerIdentity"),
         max_streams_per_tenant=bdt.get("maxStreamsPerTenant"),
+        ingress=IngressListenerConfig(
+            enabled=ingress.get("enabled"),
+            port=ingress.get("port"),
+            bind_address=ingress.get("bindAddress"),
+            client_certificate_header=ingress.get("clientCertificateHeader"),
+            trusted_sources=ingress.get("trustedSources"),
+        ),
     )
     proxy = servers.section("proxy")
     http = proxy.section("http")
     client = proxy.section("clientConnection")
     metrics = root.section("metrics").section("prometheus")
+    ha = root.section("highAvailability")
     config = ProxyConfig(
         tenant_mode=root.get("tenantMode"),
         subaccount_id=root.get("subaccountId"),
         high_availability_mode=root.get("highAvailabilityMode"),
+        high_availability=HighAvailabilityConfig(
+            replica_name=ha.get("replicaName"),
+            replicas=ha.get("replicas"),
+            headless_service=ha.get("headlessService"),
+            discovery_interval_seconds=ha.get("discoveryIntervalSeconds"),
+        ),
         tunnel_listener=listener,
         http=HttpFrontEndConfig(
             **_front_end(http),
@@ -379,6 +478,8 @@ def proxy_cross_field_problems(config: ProxyConfig, context: Context) -> None:
       (``tokenKeysFile``, ``tokenKeysUrl`` or ``uaaDomain``);
     * ``certFile``/``keyFile`` come in pairs; ``maxHeaderBytes >= maxLineBytes``;
     * ``tunnel.connectionWindowBytes >= streamWindowBytes``, ``deadAfterSeconds > pingIntervalSeconds``;
+    * ``highAvailability``: ``replicas`` or ``headlessService``, not both;
+    * an enabled ingress listener requires ``trustedSources``;
     * enabled listeners do not share a port (0 excepted).
     """
     if config.tenant_mode == "dedicated" and not config.subaccount_id and not context.is_bad(
@@ -399,6 +500,15 @@ def proxy_cross_field_problems(config: ProxyConfig, context: Context) -> None:
             "servers.proxy.http.maxHeaderBytes", "servers.proxy.http.maxLineBytes"):
         context.report("servers.proxy.http.maxHeaderBytes", "must be at least servers.proxy.http.maxLineBytes")
     check_tunnel(config.tunnel, context)
+    ha = config.high_availability
+    if ha.headless_service is not None and ha.replicas and not context.is_bad(
+            f"{HA_PATH}.headlessService", f"{HA_PATH}.replicas"):
+        context.report(f"{HA_PATH}.headlessService", "give either replicas or headlessService, not both")
+    ingress = config.tunnel_listener.ingress
+    if ingress.enabled and not ingress.trusted_sources and not context.is_bad(
+            f"{INGRESS_PATH}.enabled", f"{INGRESS_PATH}.trustedSources"):
+        context.report(f"{INGRESS_PATH}.trustedSources",
+                       "is required if enabled is true (the addresses of the ingress)")
     used: dict[int, str] = {}
     for path, port in listener_ports(config):
         if port == 0 or context.is_bad(path):
@@ -412,6 +522,8 @@ def proxy_cross_field_problems(config: ProxyConfig, context: Context) -> None:
 def listener_ports(config: ProxyConfig) -> list[tuple[str, int]]:
     """(key path, port) of every enabled listener."""
     listeners = [("servers.businessDataTunnel.port", config.tunnel_listener.port)]
+    if config.tunnel_listener.ingress.enabled:
+        listeners.append((f"{INGRESS_PATH}.port", config.tunnel_listener.ingress.port))
     if config.http.enabled:
         listeners.append(("servers.proxy.http.port", config.http.port))
     if config.socks5.enabled:

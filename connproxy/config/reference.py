@@ -62,6 +62,7 @@ The `(<file>)` part names the file a key points to, where the problem is with th
   `tokenKeysUrl` or `uaaDomain`) where authorization is on; `certFile` with `keyFile`; listeners on distinct ports;
   `maxHeaderBytes >= maxLineBytes`; `connectionWindowBytes >= streamWindowBytes`;
   `deadAfterSeconds > pingIntervalSeconds`; `maxDelaySeconds >= initialDelaySeconds`; access rules that overlap;
+  `trustedSources` where the ingress listener is enabled; `replicas` or `headlessService`, not both;
 * the files named: present and readable; certificates and keys parse as PEM (a private key given where a
   certificate belongs, or the reverse, is named as such); the key matches the certificate; the certificate, key and
   CA make a TLS context; `tokenKeysFile` is a JWKS with at least one usable key; each access rule's `caFile` holds

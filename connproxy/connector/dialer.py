@@ -2,8 +2,13 @@
 """The on-premise connector's tunnel to the proxy: dial, HELLO, reconnect forever.
 
 * :class:`ConnectorService` dials out over TLS (client certificate; the proxy's certificate and host name are
-  verified), forever, with capped exponential backoff and full jitter. The first retries are fast; the host name
-  is resolved again on every try (``HostnameEndpoint``), the very first connection included.
+  verified), forever, with capped exponential backoff and full jitter. The host name is resolved again on every
+  try (``HostnameEndpoint``), the very first connection included.
+* No dead time after a proxy restart: a lost tunnel (or a GOAWAY ``SHUTTING_DOWN``/``NORMAL``) is redialled at
+  once (jitter within ``reconnect.initialDelaySeconds``); the backoff grows only while dials keep failing and
+  starts over with every completed handshake. Only a tunnel that keeps dying young (shorter than
+  :attr:`ConnectorService.stable_after`, e.g. a proxy that accepts and then drops us) keeps its backoff, so
+  that such a loop cannot turn into a tight one.
 * :class:`ConnectorTunnel` sends HELLO, pings (the shared :class:`TunnelConnection` keepalive notices a dead
   tunnel within ``deadAfterSeconds``) and hands each opened stream to
   :class:`connproxy.connector.tcp.BackendDialer`.
@@ -33,8 +38,11 @@ from connproxy.tunnel.connection import TunnelConnection
 from connproxy.tunnel.settings import CAPABILITIES, settings_from
 from connproxy.tunnel.stream import TunnelStream
 from connproxy.wire.errors import ErrorCode
-from connproxy.wire.events import GoAwayReceived, HelloReceived
+from connproxy.wire.events import GoAwayReceived, HelloReceived, ReplicasReceived
 from connproxy.wire.session import Role
+
+#: Growth of the backoff ceiling per failed attempt after the fast retries.
+BACKOFF_FACTOR = 1.5
 
 
 def backoff_delay(attempt: int, *, initial: float, maximum: float, fast_retries: int,
@@ -42,12 +50,14 @@ def backoff_delay(attempt: int, *, initial: float, maximum: float, fast_retries:
     """Seconds to wait before connection attempt number ``attempt`` (1 = the first retry).
 
     Full jitter: the first ``fast_retries`` retries draw uniformly from ``[0, initial]``; after them, retry
-    ``attempt`` draws from ``[0, min(maximum, initial * 2**(attempt - fast_retries))]``.
+    ``attempt`` draws from ``[0, min(maximum, initial * 1.5**(attempt - fast_retries))]``. The gentle factor
+    (Konnectivity's) keeps the ceiling low for the first seconds of an outage, so that a proxy that restarts in a
+    few seconds is found again within about a second of listening.
     """
     if attempt <= fast_retries:
         ceiling = initial
     else:
-        ceiling = min(maximum, initial * (2 ** min(attempt - fast_retries, 30)))
+        ceiling = min(maximum, initial * (BACKOFF_FACTOR ** min(attempt - fast_retries, 60)))
     return rng() * ceiling
 
 
@@ -112,6 +122,11 @@ class ConnectorTunnel(TunnelConnection):
         else:
             self.refusal = f"{event.code.name}: {event.reason}"
 
+    def replicas_received(self, event: ReplicasReceived) -> None:
+        """The proxy's replica set changed: tell the replica manager (several replicas only)."""
+        if self.service.manager is not None:
+            self.service.manager.replicas_announced(self.service, event.replicas)
+
     def stream_opened(self, stream: TunnelStream) -> None:
         """Serve the stream (access control, backend)."""
         self.service.dialer.handle(self, stream)
@@ -145,6 +160,13 @@ class ConnectorService(Service):
 
     :param endpoint_factory: builds a fresh client endpoint per attempt (so the host name is resolved again);
         by default TLS over ``HostnameEndpoint`` to ``config.proxy``.
+    :param route: with several replicas, the replica this loop keeps a tunnel to (``None``: any replica);
+        a tunnel that lands on another replica is closed and dialled again.
+    :param dialer: the backend dialer (shared by the loops of several replicas; its owner closes its idle
+        backend connections after the drain, so a loop given one leaves them alone).
+    :param manager: the :class:`connproxy.connector.replicas.ReplicaConnector` owning this loop, if any.
+    :param metrics: the metrics to count in (shared by the loops of several replicas); by default this loop's own,
+        reading its tunnels.
     """
 
     log = Logger()
@@ -158,14 +180,23 @@ class ConnectorService(Service):
         *,
         rng: Callable[[], float] = random.random,
         audit_writer: audit.AuditWriter | None = None,
+        route: Any = None,
+        dialer: BackendDialer | None = None,
+        manager: Any = None,
+        metrics: ConnectorMetrics | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
         self.config = config
         self.endpoint_factory = endpoint_factory
-        self.dialer = BackendDialer(reactor, config, audit_writer=audit_writer)
+        self.dialer = dialer or BackendDialer(reactor, config, audit_writer=audit_writer)
+        self._owns_dialer = dialer is None
+        self.route = route
+        self.manager = manager
         self.rng = rng
         self.attempt = 0
+        #: Tunnels in a row that died within :attr:`stable_after` of their handshake.
+        self.short_lived = 0
         self.tunnel: ConnectorTunnel | None = None
         self._retry: IDelayedCall | None = None
         self._connecting: Deferred[Any] | None = None
@@ -175,7 +206,7 @@ class ConnectorService(Service):
         #: Every tunnel connection not lost yet: the current one and those the proxy drains.
         self.tunnels: set[ConnectorTunnel] = set()
         self.draining = False
-        self.metrics = ConnectorMetrics(lambda: list(self.tunnels))
+        self.metrics = metrics if metrics is not None else ConnectorMetrics(lambda: list(self.tunnels))
 
     # ------------------------------------------------------------------ service
 
@@ -239,8 +270,10 @@ class ConnectorService(Service):
         return done
 
     def _close_idle_backends(self) -> None:
-        """Close the idle keep-alive backend connections of the HTTP gateway (they serve no stream)."""
-        self.dialer.http.pool.close()
+        """Close the idle keep-alive backend connections of the HTTP gateway (they serve no stream), if the
+        dialer is this loop's own (a shared one is closed by its owner once every loop drained)."""
+        if self._owns_dialer:
+            self.dialer.http.pool.close()
 
     def when_up(self) -> Deferred[ConnectorTunnel]:
         """Fire with the tunnel once it is (or if it already is) established (for tests and the demo)."""
@@ -261,8 +294,9 @@ class ConnectorService(Service):
         self.connections += 1
         config = self.config
         self.log.info(
-            "connecting to proxy {host}:{port} (attempt {attempt})", host=config.proxy.host, port=config.proxy.port,
-            attempt=self.attempt + 1,
+            "connecting to proxy {host}:{port}{replica} (attempt {attempt})", host=config.proxy.host,
+            port=config.proxy.port, attempt=self.attempt + 1,
+            replica=f" replica {self.route.name}" if self.route is not None else "",
         )
         try:
             endpoint = self.endpoint_factory()
@@ -301,12 +335,27 @@ class ConnectorService(Service):
         )
         self.log.info("retrying in {delay:.2f}s ({why})", delay=delay, why=why)
         self._retry = self.clock.callLater(delay, self._dial)
+        if self.manager is not None:
+            self.manager.dial_failed(self)
 
     # ------------------------------------------------------------------ tunnel callbacks
 
     def tunnel_up(self, tunnel: ConnectorTunnel, hello: dict[str, Any]) -> None:
-        """The handshake completed."""
+        """The handshake completed: the dial succeeded, so the failed-dial count starts over.
+
+        With several replicas the manager may refuse the tunnel (it landed on another replica than this loop's, or
+        on one that already has a tunnel): it is closed and counts as a failed dial.
+        """
+        if self.manager is not None:
+            refusal = self.manager.tunnel_established(self, tunnel, hello)
+            if refusal is not None:
+                tunnel.refusal = refusal
+                tunnel.established_at = None
+                self.log.warn("closing the tunnel: {why}", why=refusal)
+                tunnel.fail(ErrorCode.NORMAL, refusal)
+                return
         self.tunnel = tunnel
+        self.attempt = 0
         self.metrics.tunnel_up(tunnel.replica_id)
         self.log.info(
             "tunnel established to proxy replica {replica} as {tunnel_id} location {location}",
@@ -323,12 +372,23 @@ class ConnectorService(Service):
             self.tunnel = None
             self.attempt = 0
             if self._retry is None and self._connecting is None:
-                self._dial()
+                # At once, but spread: every connector of a draining replica hears this GOAWAY at the same time.
+                self._retry = self.clock.callLater(
+                    self.rng() * self.config.reconnect.initial_delay_seconds, self._dial
+                )
 
     def tunnel_down(self, tunnel: ConnectorTunnel, reason: Failure | None) -> None:
-        """The tunnel closed: reconnect with backoff (reset only after a stable period)."""
-        if tunnel.established_at is not None and self.clock.seconds() - tunnel.established_at >= self.stable_after:
-            self.attempt = 0
+        """The tunnel closed: redial at once (small jitter); keep backing off only for tunnels that die young.
+
+        A tunnel that was established counts as a successful dial: the next attempt is the first retry again,
+        unless tunnels keep dying within :attr:`stable_after` (then each one counts as a failed attempt).
+        """
+        if tunnel.established_at is not None:
+            if self.clock.seconds() - tunnel.established_at >= self.stable_after:
+                self.short_lived = 0
+            else:
+                self.short_lived += 1
+            self.attempt = max(0, self.short_lived - 1)  # the first young death is still a first retry
         why = tunnel.refusal or (reason.getErrorMessage() if reason is not None else "closed")
         if tunnel is self.tunnel:
             self.tunnel = None
@@ -355,6 +415,13 @@ def connector_endpoint_factory(reactor: Any, config: ConnectorConfig) -> Callabl
 
 
 def make_connector_service(config: ConnectorConfig, reactor: Any,
-                           audit_writer: audit.AuditWriter | None = None) -> ConnectorService:
-    """The connector service for ``config``."""
-    return ConnectorService(reactor, config, connector_endpoint_factory(reactor, config), audit_writer=audit_writer)
+                           audit_writer: audit.AuditWriter | None = None) -> Any:
+    """The connector service for ``config``: one tunnel (:class:`ConnectorService`), or with
+    ``proxy.highAvailabilityMode`` ``path``/``subdomain`` one per replica
+    (:class:`connproxy.connector.replicas.ReplicaConnector`)."""
+    from connproxy.connector.replicas import ReplicaConnector, endpoint_builder
+
+    build = endpoint_builder(reactor, config)
+    if config.proxy.high_availability_mode == "off":
+        return ConnectorService(reactor, config, lambda: build(None), audit_writer=audit_writer)
+    return ReplicaConnector(reactor, config, build, audit_writer=audit_writer)

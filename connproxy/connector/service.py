@@ -3,8 +3,11 @@
 live reload.
 
 * The metrics listener (``metrics.prometheus``, off by default, loopback) serves ``/metrics``, ``/ready``
-  (ready while the tunnel to the proxy is up) and ``/healthcheck``.
-* SIGTERM drains (:meth:`ConnectorService.stopService`) and exits 0; the metrics listener stops last.
+  (ready while the tunnel to the proxy is up; with several replicas, a tunnel to at least one) and
+  ``/healthcheck``.
+* SIGTERM drains (:meth:`ConnectorService.stopService`; with several replicas
+  :meth:`~connproxy.connector.replicas.ReplicaConnector.stopService`, every replica tunnel) and exits 0; the
+  metrics listener stops last.
 * SIGHUP, or a change of the configuration file, reloads ``accessControl`` without touching the tunnel or the
   streams on it; other changed keys are logged as needing a restart, and an invalid file is refused with one
   log line naming the key.

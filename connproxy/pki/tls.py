@@ -62,16 +62,20 @@ def server_options_from_files(cert_file: str | Path, key_file: str | Path, ca_fi
 
 
 def client_options(
-    server_name: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes
+    server_name: str, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, alpn: list[bytes] | None = None
 ) -> IOpenSSLClientConnectionCreator:
-    """Options for the connector: verify the proxy's certificate and host name, present our certificate."""
+    """Options for the connector: verify the proxy's certificate and host name, present our certificate.
+
+    ``alpn`` replaces the offered protocols (``[ALPN_TUNNEL]``); an HTTP/1.1 Upgrade through an ingress offers
+    ``http/1.1``, which every ingress accepts.
+    """
     trust = Certificate.loadPEM(ca_pem)
     own = PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
     return optionsForClientTLS(
         server_name,
         trustRoot=trust,
         clientCertificate=own,
-        acceptableProtocols=[ALPN_TUNNEL],
+        acceptableProtocols=alpn or [ALPN_TUNNEL],
         extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
     )
 

@@ -35,6 +35,7 @@ from connproxy.proxy.frontend import FrontEndFactory
 from connproxy.proxy.http_frontend import HttpProxyFactory
 from connproxy.proxy.metrics import ProxyMetrics
 from connproxy.proxy.registry import ConnectorRegistry
+from connproxy.proxy.replicas import read_client_cas, replica_set_for
 from connproxy.proxy.routing import Router
 from connproxy.proxy.socks import Socks5Factory
 from connproxy.proxy.tunnel_listener import ProxyTunnelFactory
@@ -102,12 +103,17 @@ class ProxyService(MultiService):
         settings, timers = settings_from(config)
         cert, key, ca = resolve_tls_files(config.tunnel_listener.tls, proxy=True)
         options = tls.server_options_from_files(cert, key, ca)
+        listener = config.tunnel_listener
+        self.replicas, discovery = replica_set_for(config, reactor)
         self.tunnel_factory = ProxyTunnelFactory(
-            self.registry, reactor, settings, timers, replica_id=socket.gethostname(), audit_writer=audit_writer
+            self.registry, reactor, settings, timers, replica_id=socket.gethostname(), audit_writer=audit_writer,
+            replicas=self.replicas, ingress=listener.ingress if listener.ingress.enabled else None,
+            client_cas=read_client_cas(ca),
         )
         self.tunnel_factory.on_stream_finished = self.metrics.bytes.stream_finished
         self.metrics.bytes.live = lambda: [s for t in list(self.tunnel_factory.tunnels) for s in t.streams.values()]
-        listener = config.tunnel_listener
+        if discovery is not None:
+            discovery.setServiceParent(self)
         self.tunnel_listener = Listener(
             "tunnel listener",
             SSL4ServerEndpoint(reactor, listener.port, options, backlog=config.client_connection.listen_backlog,
@@ -116,6 +122,16 @@ class ProxyService(MultiService):
             config_key="servers.businessDataTunnel.port",
         )
         self.tunnel_listener.setServiceParent(self)
+        self.ingress_listener: Listener | None = None
+        if listener.ingress.enabled:
+            self.ingress_listener = Listener(
+                "tunnel ingress listener (plain HTTP)",
+                TCP4ServerEndpoint(reactor, listener.ingress.port, backlog=config.client_connection.listen_backlog,
+                                   interface=listener.ingress.bind_address),
+                self.tunnel_factory.ingress_factory(),
+                config_key="servers.businessDataTunnel.ingress.port",
+            )
+            self.ingress_listener.setServiceParent(self)
         oauth = config.oauth
         self.key_store: KeyStore | None = None
         if config.authorization_enabled and oauth is not None:
@@ -220,7 +236,7 @@ class ProxyService(MultiService):
             return False, "draining"
         if not self.running:
             return False, "starting"
-        for listener in (self.tunnel_listener, self.socks_listener, self.http_listener):
+        for listener in (self.tunnel_listener, self.ingress_listener, self.socks_listener, self.http_listener):
             if listener is not None and listener.port is None:
                 return False, f"starting: {listener.name} not listening yet"
         if self.config.readiness.require_connector and self.registry.count() == 0:
@@ -299,7 +315,8 @@ class ProxyService(MultiService):
         if self.reloader is not None:
             self.reloader.stop()
         grace = float(self.config.shutdown.drain_timeout_seconds)
-        accepting = [s for s in (self.socks_listener, self.http_listener, self.tunnel_listener) if s is not None]
+        accepting = [s for s in (self.socks_listener, self.http_listener, self.tunnel_listener, self.ingress_listener)
+                     if s is not None]
         stopped = gatherResults([maybeDeferred(s.stopService) for s in accepting], consumeErrors=True)
         tunnels = [t for t in self.tunnel_factory.tunnels if not t.lost]
         streams = sum(len(t.streams) for t in tunnels)

@@ -5,22 +5,32 @@ The first bytes decide what a connection is: the tunnel preface starts a tunnel;
 HTTP/1.1 request, for ``GET /healthcheck`` (which needs no client certificate). A tunnel must present a connector
 certificate signed by the connector CA; its identity (subaccount, optionally location) comes from the
 certificate, never from the handshake alone.
+
+An HTTP/1.1 ``Upgrade: connproxy-tunnel/1`` request turns the connection into a tunnel as well (path-routing
+ingresses, see :mod:`connproxy.proxy.upgrade`); on the plain ingress listener the certificate comes from a
+header the trusted ingress sets. With several replicas, the HELLO reply and later REPLICAS frames announce the
+replica set (:mod:`connproxy.proxy.replicas`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import h11
+from cryptography import x509
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from connproxy.config import IngressListenerConfig
 from connproxy.obs import audit
-from connproxy.pki.certs import CertificateIdentityError
+from connproxy.pki.certs import CertificateIdentityError, ConnectorIdentity
 from connproxy.pki.tls import peer_identity
 from connproxy.proxy.registry import ConnectorRegistry
+from connproxy.proxy.replicas import ReplicaSet
+from connproxy.proxy.upgrade import UPGRADE_TOKEN, decide_upgrade, is_upgrade_request
 from connproxy.tunnel.connection import TunnelConnection, TunnelTimers
 from connproxy.tunnel.settings import CAPABILITIES
 from connproxy.tunnel.stream import TunnelStream
@@ -32,8 +42,8 @@ from connproxy.wire.session import Role, Settings
 MAX_CONNECTOR_ID = 128
 
 _REASONS = {
-    200: b"OK", 302: b"Found", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-    408: b"Request Timeout",
+    200: b"OK", 302: b"Found", 400: b"Bad Request", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 421: b"Misdirected Request",
 }
 
 
@@ -52,6 +62,9 @@ class ProxyTunnel(TunnelConnection):
         self._mode: str | None = None
         self._health: h11.Connection | None = None
         self._registered = False
+        #: Accepted on the plain ingress listener: the identity comes from a forwarded certificate.
+        self.via_ingress = False
+        self.forwarded_identity: ConnectorIdentity | None = None
 
     # ------------------------------------------------------------------ registry view
 
@@ -121,7 +134,9 @@ class ProxyTunnel(TunnelConnection):
                 return
             if isinstance(event, h11.Request):
                 path = event.target.split(b"?", 1)[0]
-                if event.method not in (b"GET", b"HEAD"):
+                if is_upgrade_request(event):
+                    self._upgrade(event)
+                elif event.method not in (b"GET", b"HEAD"):
                     self._health_reply(405, b"method not allowed\n")
                 elif path == b"/healthcheck":
                     self._health_reply(200, b"OK\n", head=event.method == b"HEAD")
@@ -133,6 +148,47 @@ class ProxyTunnel(TunnelConnection):
             if isinstance(event, h11.ConnectionClosed):
                 self.close_transport()
                 return
+
+    def _upgrade(self, request: h11.Request) -> None:
+        """Switch to the tunnel after ``101``, or refuse (and audit an identity refusal)."""
+        assert self._health is not None and self.transport is not None
+        factory = self.factory
+        peer = self.describe_peer()
+        ingress = factory.ingress
+        verdict = decide_upgrade(
+            request, factory.replicas, via_ingress=self.via_ingress, peer_host=getattr(self.peer_address(), "host", ""),
+            certificate_header=ingress.client_certificate_header if ingress else "ssl-client-cert",
+            trusted_sources=ingress.trusted_sources if ingress else (), client_cas=factory.client_cas,
+        )
+        if verdict.status != 101:
+            self.log.warn("tunnel upgrade from {peer} refused: {status} {reason}", peer=peer, status=verdict.status,
+                          reason=verdict.reason)
+            if verdict.audit:
+                audit.tunnel_handshake(False, tenant=None, connector_id=None, location=None, reason=verdict.reason,
+                                       peer=peer, writer=factory.audit_writer)
+            self._health_reply(verdict.status, verdict.reason.encode("utf-8", "replace") + b"\n")
+            return
+        conn = self._health
+        out = conn.send(h11.InformationalResponse(
+            status_code=101, headers=[(b"connection", b"Upgrade"), (b"upgrade", UPGRADE_TOKEN)],
+            reason=b"Switching Protocols")) or b""
+        leftover, _closed = conn.trailing_data
+        self.transport.write(out)
+        self._health = None
+        self._mode = "tunnel"
+        self.forwarded_identity = verdict.identity
+        self.start_tunnel_timers()
+        if leftover:
+            super().dataReceived(bytes(leftover))
+
+    def connector_identity(self) -> ConnectorIdentity | None:
+        """The identity to check the HELLO against: the forwarded certificate's, else the TLS peer's.
+
+        :raises CertificateIdentityError: the certificate carries no well-formed connector identity.
+        """
+        if self.via_ingress:
+            return self.forwarded_identity  # never the transport's: the ingress listener speaks plain TCP
+        return peer_identity(self.transport)
 
     def _health_reply(self, status: int, body: bytes, head: bool = False, location: bytes | None = None) -> None:
         assert self._health is not None and self.transport is not None
@@ -175,7 +231,7 @@ class ProxyTunnel(TunnelConnection):
         claimed_location = hello.get("location")
         peer = self.describe_peer()
         try:
-            identity = peer_identity(self.transport)
+            identity = self.connector_identity()
         except CertificateIdentityError as e:
             self._refuse(str(e), str(connector_id), str(claimed_tenant), peer)
             return
@@ -207,13 +263,15 @@ class ProxyTunnel(TunnelConnection):
         self.tenant = identity.subaccount
         self.location = location
         self.connector_id = connector_id
-        self.session.send_hello(
-            {
-                "replica_id": self.factory.replica_id,
-                "tunnel_id": self.tunnel_id,
-                "capabilities": list(CAPABILITIES),
-            }
-        )
+        reply: dict[str, Any] = {
+            "replica_id": self.factory.replica_id,
+            "tunnel_id": self.tunnel_id,
+            "capabilities": list(CAPABILITIES),
+        }
+        if self.factory.replicas is not None:
+            reply["high_availability_mode"] = self.factory.replicas.mode
+            reply["replicas"] = self.factory.replicas.announcement()
+        self.session.send_hello(reply)
         self.handshake_done()
         self._flush(force=True)
         self.factory.registry.register(self)
@@ -267,6 +325,9 @@ class ProxyTunnelFactory(Factory):
         timers: TunnelTimers | None = None,
         replica_id: str = "0",
         audit_writer: audit.AuditWriter | None = None,
+        replicas: ReplicaSet | None = None,
+        ingress: IngressListenerConfig | None = None,
+        client_cas: list[x509.Certificate] | None = None,
     ) -> None:
         self.registry = registry
         self.clock = clock
@@ -277,10 +338,43 @@ class ProxyTunnelFactory(Factory):
         self.tunnels: set[ProxyTunnel] = set()
         #: Called with every stream that finished (set by the service for its metrics).
         self.on_stream_finished: Callable[[TunnelStream], None] | None = None
+        #: The replica set announced to connectors (``None`` with ``highAvailabilityMode: off``).
+        self.replicas = replicas
+        #: The plain ingress listener's settings (forwarded certificate header, trusted sources).
+        self.ingress = ingress
+        #: The connector CAs, to check forwarded certificates.
+        self.client_cas = client_cas or []
+        if replicas is not None:
+            self.replica_id = replicas.me.name
+            replicas.add_listener(self._replicas_changed)
+
+    def _replicas_changed(self, replicas: ReplicaSet) -> None:
+        """Tell every connected connector (REPLICAS frame)."""
+        announcement = replicas.announcement()
+        for tunnel in list(self.tunnels):
+            if tunnel.connector_id and tunnel.session.ready:
+                tunnel.send_replicas(announcement)
+
+    def ingress_factory(self) -> Factory:
+        """A factory for the plain ingress listener: the same tunnels, marked as arriving through the ingress."""
+        return _IngressFactory(self)
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyTunnel:
         """A new connection on the tunnel port."""
         tunnel = ProxyTunnel(self)
         tunnel.factory = self
         self.tunnels.add(tunnel)
+        return tunnel
+
+
+class _IngressFactory(Factory):
+    """Builds tunnels of the plain ingress listener through the main factory (one set of tunnels to drain)."""
+
+    def __init__(self, main: ProxyTunnelFactory) -> None:
+        self.main = main
+
+    def buildProtocol(self, addr: IAddress | None) -> ProxyTunnel:
+        """A new connection on the ingress port."""
+        tunnel = self.main.buildProtocol(addr)
+        tunnel.via_ingress = True
         return tunnel

@@ -30,6 +30,7 @@ from connproxy.wire.events import (
     HelloReceived,
     OpenRequest,
     PingAcknowledged,
+    ReplicasReceived,
     StreamAccepted,
     StreamEnded,
     StreamOpened,
@@ -108,6 +109,12 @@ class TunnelConnection(Protocol):
             except OSError:
                 pass
         self._handshake_timer = self.clock.callLater(self.timers.handshake_timeout, self._handshake_timed_out)
+        self.start_tunnel_timers()
+
+    def start_tunnel_timers(self) -> None:
+        """Start keepalive and dead-peer checks (at connect; again after an HTTP Upgrade to the tunnel)."""
+        self.stop_tunnel_timers()
+        self.last_received = self.clock.seconds()
         self._keepalive = LoopingCall(self._keepalive_tick)
         self._keepalive.clock = self.clock
         self._keepalive.start(self.timers.ping_interval, now=False)
@@ -259,6 +266,8 @@ class TunnelConnection(Protocol):
                 code=event.code.name, reason=event.reason,
             )
             self.goaway_received(event)
+        elif isinstance(event, ReplicasReceived):
+            self.replicas_received(event)
 
     def hello_received(self, event: HelloReceived) -> None:
         """Hook: the peer's HELLO arrived."""
@@ -271,6 +280,16 @@ class TunnelConnection(Protocol):
 
     def goaway_received(self, event: GoAwayReceived) -> None:
         """Hook: the peer will accept no new streams."""
+
+    def replicas_received(self, event: ReplicasReceived) -> None:
+        """Hook: the proxy announced a changed replica set (docs/high-availability.md); ignored by default."""
+
+    def send_replicas(self, replicas: list[dict[str, Any]]) -> None:
+        """Send a REPLICAS frame (once the handshake is done; ignored on a closed tunnel)."""
+        if self.lost or self.transport is None or not self.session.ready:
+            return
+        self.session.send_replicas(replicas)
+        self._flush()
 
     # ------------------------------------------------------------------ streams we open
 

@@ -89,6 +89,13 @@ class GoAwayReceived:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicasReceived:
+    """The proxy announced its (changed) replica set: the ``replicas`` list of a REPLICAS frame."""
+
+    replicas: list[Any]
+
+
 Event = (
     HelloReceived
     | StreamOpened
@@ -99,4 +106,5 @@ Event = (
     | WindowUpdated
     | PingAcknowledged
     | GoAwayReceived
+    | ReplicasReceived
 )

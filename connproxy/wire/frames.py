@@ -14,6 +14,7 @@ Payloads::
     PING           8 opaque bytes; flag ACK (0x2) on the echo
     GOAWAY         u32 last stream id | u32 code | UTF-8 reason
     HELLO          UTF-8 JSON (handshake, spec section 3.1)
+    REPLICAS       UTF-8 JSON {"replicas": [...]} (proxy -> connector, docs/high-availability.md)
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class FrameType(enum.IntEnum):
     PING = 0x5
     GOAWAY = 0x6
     HELLO = 0x7
+    #: Extension (docs/high-availability.md; 0x10 and up are extensions, 0x8-0xf stay for the core protocol):
+    #: the proxy's replica set changed. Stream 0, JSON, after HELLO;
+    #: a receiver that does not know it ignores it (spec section 2).
+    REPLICAS = 0x10
 
 
 #: Frame types whose payload is capped at :data:`MAX_CONTROL_PAYLOAD` whatever ``max_frame`` says.

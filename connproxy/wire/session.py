@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -25,6 +25,7 @@ from connproxy.wire.events import (
     HelloReceived,
     OpenRequest,
     PingAcknowledged,
+    ReplicasReceived,
     StreamAccepted,
     StreamEnded,
     StreamOpened,
@@ -301,6 +302,16 @@ class Session:
         self._queue_control(f.frame(f.FrameType.HELLO, 0, 0, payload))
         self._hello_sent = True
 
+    def send_replicas(self, replicas: Sequence[Mapping[str, Any]]) -> None:
+        """Queue a REPLICAS frame (extension, docs/high-availability.md): the replica set changed.
+
+        :raises StreamStateError: before our HELLO was sent.
+        """
+        if not self._hello_sent:
+            raise StreamStateError("REPLICAS before HELLO")
+        payload = _compact_json({"replicas": list(replicas)}).encode("utf-8")
+        self._queue_control(f.frame(f.FrameType.REPLICAS, 0, 0, payload))
+
     # ---------------------------------------------------------------- commands
 
     def open_stream(self, request: OpenRequest) -> int:
@@ -553,6 +564,8 @@ class Session:
             self._on_goaway(raw, events)
         elif frame_type == f.FrameType.HELLO:
             self._on_hello(raw, events)
+        elif frame_type == f.FrameType.REPLICAS:
+            self._on_replicas(raw, events)
         # Unknown frame types are ignored (spec section 2).
 
     def _require_stream_frame(self, raw: f.RawFrame) -> None:
@@ -702,6 +715,15 @@ class Session:
         for stream_id in [i for i in self._streams if i & 1 == parity and i > last]:
             self._forget(stream_id, self._streams[stream_id])
             events.append(StreamReset(stream_id, ErrorCode.REFUSED_STREAM, UNPROCESSED_REASON, remote=False))
+
+    def _on_replicas(self, raw: f.RawFrame, events: list[Event]) -> None:
+        if raw.stream_id != 0:
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "REPLICAS on a stream")
+        body = _decode_json(raw.payload, "REPLICAS")
+        replicas = body.get("replicas")
+        if not isinstance(replicas, list):
+            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "REPLICAS without a replicas list")
+        events.append(ReplicasReceived(replicas))
 
     def _on_hello(self, raw: f.RawFrame, events: list[Event]) -> None:
         if raw.stream_id != 0:

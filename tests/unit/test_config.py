@@ -548,7 +548,7 @@ def test_connector_defaults() -> None:
     assert config.tls == TlsFiles()
     assert config.tunnel == _proxy(TRUSTED).tunnel
     assert config.reconnect.initial_delay_seconds == 0.2
-    assert config.reconnect.max_delay_seconds == 30
+    assert config.reconnect.max_delay_seconds == 2
     assert config.reconnect.fast_retries == 3
     assert config.backend.connect_timeout_seconds == 10
     assert config.access_control == ()

@@ -151,21 +151,21 @@ class BackoffDelayTests(SynchronousTestCase):
             self.assertEqual(backoff_delay(attempt, initial=0.2, maximum=30, fast_retries=3, rng=lambda: 1.0), 0.2)
 
     def test_exponential_growth_after_the_fast_retries_then_cap(self) -> None:
-        ceilings = [backoff_delay(a, initial=1.0, maximum=20.0, fast_retries=2, rng=lambda: 1.0)
+        ceilings = [backoff_delay(a, initial=1.0, maximum=5.0, fast_retries=2, rng=lambda: 1.0)
                     for a in range(1, 9)]
-        self.assertEqual(ceilings, [1.0, 1.0, 2.0, 4.0, 8.0, 16.0, 20.0, 20.0])
+        self.assertEqual(ceilings, [1.0, 1.0, 1.5, 2.25, 3.375, 5.0, 5.0, 5.0])
 
     def test_huge_attempt_numbers_stay_at_the_cap(self) -> None:
         self.assertEqual(backoff_delay(10_000, initial=0.5, maximum=30.0, fast_retries=3, rng=lambda: 1.0), 30.0)
 
     def test_full_jitter_scales_the_whole_interval(self) -> None:
         draws = iter([0.0, 0.25, 0.5, 0.999])
-        got = [backoff_delay(5, initial=1.0, maximum=30.0, fast_retries=1, rng=lambda: next(draws))
+        got = [backoff_delay(3, initial=1.0, maximum=30.0, fast_retries=1, rng=lambda: next(draws))
                for _ in range(4)]
-        self.assertEqual(got, [0.0, 4.0, 8.0, 15.984])
+        self.assertEqual(got, [0.0, 0.5625, 1.125, 2.24775])
 
     def test_no_fast_retries(self) -> None:
-        self.assertEqual(backoff_delay(1, initial=1.0, maximum=30.0, fast_retries=0, rng=lambda: 1.0), 2.0)
+        self.assertEqual(backoff_delay(1, initial=1.0, maximum=30.0, fast_retries=0, rng=lambda: 1.0), 1.5)
 
 
 # ------------------------------------------------------------------------------------------------ dial loop
@@ -197,8 +197,8 @@ class DialLoopTests(SynchronousTestCase):
             (delay,) = pending_delays(self.reactor)
             delays.append(delay)
             self.reactor.advance(delay)
-        # initial 1 s, 2 fast retries, cap 8 s; rng 0.5 halves each ceiling.
-        self.assertEqual(delays, [0.5, 0.5, 1.0, 2.0, 4.0, 4.0])
+        # initial 1 s, 2 fast retries, factor 1.5, cap 8 s; rng 0.5 halves each ceiling.
+        self.assertEqual(delays, [0.5, 0.5, 0.75, 1.125, 1.6875, 2.53125])
         self.assertEqual(len(endpoints.built), 7)
         self.assertEqual(len({id(e) for e in endpoints.built}), 7)
         self.assertEqual(svc.connections, 7)
@@ -230,32 +230,44 @@ class DialLoopTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(len(endpoints.built), 1)
 
-    def test_attempt_counter_resets_only_after_a_stable_tunnel(self) -> None:
-        endpoints = EndpointFactory("fail", "fail", "ok", "ok", default="hang")
+    def test_a_completed_handshake_resets_the_backoff(self) -> None:
+        """Failed dials before a tunnel do not slow the redial after it is lost (a restarted proxy)."""
+        endpoints = EndpointFactory("fail", "fail", "fail", "fail", "ok", default="hang")
         svc = self.service(endpoints)
-        self.reactor.advance(0.5)
-        self.reactor.advance(0.5)
-        self.assertEqual(svc.attempt, 2)
-        tunnel = endpoints.built[2].protocol
-        self.assertIsInstance(tunnel, ConnectorTunnel)
+        for delay in (0.5, 0.5, 0.75, 1.125):
+            self.assertEqual(pending_delays(self.reactor), [delay])
+            self.reactor.advance(delay)
+        self.assertEqual(svc.attempt, 4)
+        tunnel = endpoints.built[4].protocol
         FakeProxy(tunnel).handshake()
-        up = svc.when_up()
-        self.assertIs(self.successResultOf(up), tunnel)
-        self.assertIs(svc.tunnel, tunnel)
-        # Up for less than stable_after: the next retry continues the backoff.
-        self.reactor.advance(svc.stable_after - 1)
+        self.assertIs(self.successResultOf(svc.when_up()), tunnel)
+        self.assertEqual(svc.attempt, 0)  # reset by the handshake ...
+        self.reactor.advance(1)
         tunnel.connectionLost(Failure(ierror.ConnectionLost()))
         self.assertIsNone(svc.tunnel)
-        self.assertEqual(svc.attempt, 3)
-        self.assertEqual(pending_delays(self.reactor), [1.0])
-        self.reactor.advance(1.0)
-        tunnel = endpoints.built[3].protocol
+        self.assertEqual(svc.attempt, 1)  # ... so the redial is a first retry: within initialDelaySeconds
+        self.assertEqual(pending_delays(self.reactor), [0.5])
+
+    def test_tunnels_that_keep_dying_young_back_off(self) -> None:
+        endpoints = EndpointFactory(default="ok")
+        svc = self.service(endpoints)
+        delays = []
+        for n in range(5):
+            tunnel = endpoints.built[n].protocol
+            FakeProxy(tunnel).handshake()
+            self.reactor.advance(svc.stable_after - 1)
+            tunnel.connectionLost(Failure(ierror.ConnectionLost()))
+            (delay,) = pending_delays(self.reactor)
+            delays.append(delay)
+            self.reactor.advance(delay)
+        self.assertEqual(delays, [0.5, 0.5, 0.75, 1.125, 1.6875])
+        # One tunnel that lives for stable_after starts the count over.
+        tunnel = endpoints.built[5].protocol
         FakeProxy(tunnel).handshake()
-        # Up for stable_after: the backoff starts over.
         self.reactor.advance(svc.stable_after)
         tunnel.connectionLost(Failure(ierror.ConnectionLost()))
         self.assertEqual(svc.attempt, 1)
-        self.assertIn(0.5, pending_delays(self.reactor))
+        self.assertEqual(pending_delays(self.reactor), [0.5])
 
     def test_refused_handshake_is_retried_with_backoff(self) -> None:
         endpoints = EndpointFactory("ok", default="hang")
@@ -278,6 +290,8 @@ class DialLoopTests(SynchronousTestCase):
         proxy.handshake()
         proxy.session.go_away(ErrorCode.SHUTTING_DOWN, "rolling restart")
         proxy.exchange()
+        self.assertEqual(pending_delays(self.reactor)[0], 0.5)  # at once, spread within initialDelaySeconds
+        self.reactor.advance(0.5)
         self.assertEqual(len(endpoints.built), 2)
         self.assertEqual(svc.attempt, 0)
         self.assertFalse(tunnel.lost)  # the old tunnel finishes its streams

@@ -53,3 +53,33 @@ def test_connector_service_dials_the_configured_proxy(tmp_path: Path, monkeypatc
     service.startService()
     assert [(host, port) for host, port, *_rest in reactor.tcpClients] == [("127.0.0.1", 18042)]
     service.stopService()
+
+
+def test_ingress_listener_has_its_key_backlog_and_is_drained(tmp_path: Path) -> None:
+    files = mint_test_pki().write(tmp_path / "pki")
+    config = proxy_config_from_mapping({
+        "subaccountId": "t",
+        "servers": {
+            "businessDataTunnel": {"port": 18042, "tls": {"certFile": str(files.proxy_cert),
+                                                          "keyFile": str(files.proxy_key),
+                                                          "clientCaFile": str(files.ca_cert)},
+                                   "ingress": {"enabled": True, "port": 18043, "bindAddress": "127.0.0.1",
+                                               "trustedSources": ["127.0.0.1"]}},
+            "proxy": {"socks5": {"enabled": False, "enableProxyAuthorization": False},
+                      "http": {"enabled": False, "enableProxyAuthorization": False},
+                      "clientConnection": {"listenBacklog": 77}},
+        },
+        "metrics": {"prometheus": {"enabled": False}},
+    })
+    reactor = MemoryReactorClock()
+    service = ProxyService(config, reactor)
+    ingress = service.ingress_listener
+    assert ingress is not None
+    assert ingress.config_key == "servers.businessDataTunnel.ingress.port"
+    assert ingress.endpoint._backlog == 77  # type: ignore[attr-defined]
+    service.startService()
+    assert [(port, backlog, iface) for port, _f, backlog, iface in reactor.tcpServers] == [(18043, 77, "127.0.0.1")]
+    assert service.readiness() == (True, "")
+    stopped = service.stopService()
+    assert not ingress.running  # stops accepting at once, with the tunnel listener
+    assert stopped.called

@@ -45,6 +45,7 @@ def test_constants_match_the_spec() -> None:
         "PING": 5,
         "GOAWAY": 6,
         "HELLO": 7,
+        "REPLICAS": 0x10,  # extension, docs/high-availability.md
     }
     assert (f.FLAG_FIN, f.FLAG_ACK) == (0x1, 0x2)
     assert f.MAX_WINDOW == 2**31 - 1
