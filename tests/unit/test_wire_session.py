@@ -50,6 +50,7 @@ from .wire_helpers import (
     check_conservation,
     check_windows,
     chunks,
+    conn_pending,
     conn_recv_window,
     conn_send_window,
     data_frame,
@@ -572,7 +573,7 @@ def test_bad_open_resets_that_stream_and_the_session_survives(payload: bytes) ->
     assert not listener.has_stream(1)
     # The early data of the refused stream was discarded and its session credit returned at once.
     assert held(listener) == 0
-    assert conn_recv_window(listener) + listener._conn_pending_credit == SMALL.connection_window
+    assert conn_recv_window(listener) + conn_pending(listener) == SMALL.connection_window
     # The ID is used up; the session goes on.
     assert protocol_error(ready_listener(), open_frame(1, payload=payload) + open_frame(1)) is (
         ErrorCode.PROTOCOL_ERROR
@@ -812,7 +813,7 @@ def test_data_after_fin_resets_the_stream_with_stream_closed() -> None:
     assert held(listener) == 4
     listener.acknowledge(1, 4)
     assert held(listener) == 0
-    assert conn_recv_window(listener) + listener._conn_pending_credit == SMALL.connection_window
+    assert conn_recv_window(listener) + conn_pending(listener) == SMALL.connection_window
     # The session survives.
     assert listener.receive_data(open_frame(3)) == [StreamOpened(3, OpenRequest("erp.internal", 443))]
 
@@ -837,7 +838,7 @@ def test_reset_received() -> None:
     )
     assert pair.dialer.receive_data(late) == []
     assert held(pair.dialer) == 1000
-    assert conn_recv_window(pair.dialer) + pair.dialer._conn_pending_credit == SMALL.connection_window - 1000
+    assert conn_recv_window(pair.dialer) + conn_pending(pair.dialer) == SMALL.connection_window - 1000
 
 
 def test_reset_details() -> None:
@@ -1157,12 +1158,12 @@ def test_session_window_returns_exactly_once_for_reset_and_closed_streams() -> N
     pair.listener.acknowledge(live, 0)
     pair.listener.acknowledge(live, -5)
     assert held(pair.listener) == 0
-    assert pair.listener._orphan_unacked == {}
+    assert held(pair.listener) == 0
     pair.shuttle()
     check_conservation(pair.dialer, pair.listener)
     # All credit is back with the sender, except what the receiver still batches.
-    assert conn_send_window(pair.dialer) + pair.listener._conn_pending_credit == SMALL.connection_window
-    assert pair.listener._conn_pending_credit < SMALL.connection_window // 4
+    assert conn_send_window(pair.dialer) + conn_pending(pair.listener) == SMALL.connection_window
+    assert conn_pending(pair.listener) < SMALL.connection_window // 4
 
 
 def test_over_acknowledging_a_live_stream_gives_no_extra_credit() -> None:
@@ -1743,10 +1744,7 @@ class TunnelMachine(RuleBasedStateMachine):
                 assert session.has_stream(stream_id) == self.alive(side, stream_id), (side, stream_id, model)
                 incoming = model.dirs[peer]
                 outstanding = incoming.received - incoming.acked
-                if session.has_stream(stream_id):
-                    assert session._streams[stream_id].unacked == outstanding
-                else:
-                    assert session._orphan_unacked.get(stream_id, 0) == outstanding
+                assert session.unconsumed(stream_id) == outstanding
 
     @invariant()
     def credit_is_conserved_when_quiet(self) -> None:
@@ -1761,10 +1759,12 @@ class TunnelMachine(RuleBasedStateMachine):
                 direction = model.dirs[sender]
                 if direction.fin_sent:
                     continue
-                out = self.s(sender)._streams[stream_id]
-                into = self.s(receiver)._streams[stream_id]
-                assert out.send_window == into.recv_window
-                assert out.send_window + into.unacked + into.pending_credit == self.s(receiver).settings.stream_window
+                out = self.s(sender).stream_windows(stream_id)
+                into = self.s(receiver).stream_windows(stream_id)
+                assert out is not None and into is not None
+                send, recv = out[0], into[1]
+                assert send.credit == recv.available
+                assert send.credit + recv.unconsumed + recv.pending == recv.limit
 
     def teardown(self) -> None:
         # Drain: acknowledge everything, move everything, until nothing changes.
@@ -1783,7 +1783,7 @@ class TunnelMachine(RuleBasedStateMachine):
                 break
         for side in "dl":
             session = self.s(side)
-            assert held(session) == 0 and session._orphan_unacked == {}
+            assert held(session) == 0
         check_conservation(self.pair.dialer, self.pair.listener)
         check_conservation(self.pair.listener, self.pair.dialer)
         moved = sum(d.received for m in self.streams.values() for d in m.dirs.values())
