@@ -58,6 +58,9 @@ class Role(enum.Enum):
 #: The one set of tunnel tuning defaults (spec section 6); the ``tunnel`` configuration block and the Twisted
 #: glue take theirs from here.
 DEFAULT_STREAM_WINDOW: Final = 4 * 1024 * 1024
+#: Every stream starts with this receive window (or the stream window, if smaller) and grows towards the stream
+#: window only while its reader keeps up (spec 3.4, auto-tuning).
+DEFAULT_INITIAL_STREAM_WINDOW: Final = 256 * 1024
 DEFAULT_CONNECTION_WINDOW: Final = 64 * 1024 * 1024
 DEFAULT_MAX_FRAME: Final = 65536
 DEFAULT_MAX_STREAMS: Final = 10000
@@ -68,16 +71,32 @@ DEFAULT_OPEN_TIMEOUT_SECONDS: Final = 15.0
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What this side accepts (announced in HELLO). See spec section 6 for the defaults."""
+    """What this side accepts (announced in HELLO). See spec section 6 for the defaults.
+
+    ``stream_window`` is the largest a stream's receive window grows to; ``initial_stream_window`` (default: 256 KiB,
+    or ``stream_window`` if smaller) is where every stream starts, and what HELLO announces as ``stream_window``.
+    """
 
     stream_window: int = DEFAULT_STREAM_WINDOW
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     max_frame: int = DEFAULT_MAX_FRAME
     max_streams: int = DEFAULT_MAX_STREAMS
+    initial_stream_window: int = 0
+    #: Local policy, not announced: received bytes the session may buffer with their session credit returned at
+    #: once (spec 3.4); -1 means half the session window, 0 returns session credit only on acknowledgement.
+    buffer_budget: int = -1
 
     def __post_init__(self) -> None:
         if not 1 <= self.stream_window <= f.MAX_WINDOW:
             raise ValueError("stream_window out of range")
+        if self.initial_stream_window == 0:
+            object.__setattr__(
+                self, "initial_stream_window", min(DEFAULT_INITIAL_STREAM_WINDOW, self.stream_window)
+            )
+        if not 1 <= self.initial_stream_window <= self.stream_window:
+            raise ValueError("initial_stream_window must be between 1 and stream_window")
+        if self.buffer_budget < 0:
+            object.__setattr__(self, "buffer_budget", self.connection_window >> 1)
         if not self.stream_window <= self.connection_window <= f.MAX_WINDOW:
             raise ValueError("connection_window must be at least stream_window and at most 2**31-1")
         if not f.MIN_MAX_FRAME <= self.max_frame <= f.MAX_MAX_FRAME:
@@ -88,7 +107,7 @@ class Settings:
     def to_json(self) -> dict[str, int]:
         """The ``settings`` object of a HELLO."""
         return {
-            "stream_window": self.stream_window,
+            "stream_window": self.initial_stream_window,
             "connection_window": self.connection_window,
             "max_frame": self.max_frame,
             "max_streams": self.max_streams,
@@ -112,6 +131,9 @@ class Settings:
                 if type(item) is not int:
                     raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"HELLO setting {name} is not an integer")
                 kwargs[name] = item
+        if "stream_window" in kwargs:
+            # The peer announces where its streams start; that is all we need of its stream window.
+            kwargs["initial_stream_window"] = kwargs["stream_window"]
         try:
             return cls(**kwargs)
         except ValueError as e:
@@ -198,13 +220,14 @@ class Session:
         self._preface_buffer = b""
         self._hello_sent = False
         self._streams: dict[int, _Stream] = {}
-        self._orphan_unacked: dict[int, int] = {}
         self._next_id = 1 if role is Role.DIALER else 2
         self._highest_peer_id = 0
         self._peer_opened = 0
         self._conn_send = SendCredit(self.peer_settings.connection_window)
         self._conn_recv = ConnectionReceiveWindow(self.settings.connection_window)
         self._budget = WindowBudget(self.settings.connection_window)
+        #: Received bytes not yet consumed, over all live streams (the buffered total of spec 3.4).
+        self._unconsumed_total = 0
         self._control: list[bytes] = []
         self._control_bytes = 0
         self._data: list[bytes] = []
@@ -265,12 +288,16 @@ class Session:
         return self._conn_recv
 
     def unconsumed(self, stream_id: int | None = None) -> int:
-        """Received DATA bytes the application has not acknowledged yet: of ``stream_id`` (live or gone), or of
-        every stream."""
+        """Received DATA bytes the application has not acknowledged yet: of ``stream_id`` (0 once it is gone), or
+        of every live stream."""
         if stream_id is not None:
             stream = self._streams.get(stream_id)
-            return stream.recv.unconsumed if stream is not None else self._orphan_unacked.get(stream_id, 0)
-        return sum(s.recv.unconsumed for s in self._streams.values()) + sum(self._orphan_unacked.values())
+            return stream.recv.unconsumed if stream is not None else 0
+        return self._unconsumed_total
+
+    def session_credit_held(self) -> int:
+        """Received bytes whose session credit is withheld until they are consumed (spec 3.4)."""
+        return sum(s.recv.session_held for s in self._streams.values())
 
     def has_stream(self, stream_id: int) -> bool:
         """True while the stream exists (not reset, not closed in both directions)."""
@@ -421,8 +448,8 @@ class Session:
         settings = self.settings
         return _Stream(
             state,
-            SendCredit(self.peer_settings.stream_window),
-            StreamReceiveWindow(settings.stream_window, settings.stream_window, self._budget),
+            SendCredit(self.peer_settings.initial_stream_window),
+            StreamReceiveWindow(settings.initial_stream_window, settings.stream_window, self._budget),
         )
 
     def _local(self, stream_id: int, stream: _Stream | None, event: StreamEvent) -> None:
@@ -459,34 +486,30 @@ class Session:
     def acknowledge(self, stream_id: int, count: int) -> None:
         """The application has passed on ``count`` received bytes of the stream: return their credit.
 
-        Updates are batched: a WINDOW_UPDATE is queued once half a window of credit is pending. Bytes of streams
-        that are gone still return session credit.
+        Stream updates are batched: a WINDOW_UPDATE is queued once half the stream's window is pending (and the
+        window may grow, see :class:`~connproxy.wire.windows.StreamReceiveWindow`). Session credit these bytes
+        still held goes back too. Acknowledgements for streams that are gone are ignored: their session credit went
+        back when they ended.
         """
         if count <= 0:
             return
         stream = self._streams.get(stream_id)
-        if stream is not None:
-            # Credit at most what was received and not yet acknowledged: an over-acknowledgement (a glue bug, or
-            # one ack both per chunk and per stream) would hand the peer credit beyond our windows, breaking the
-            # memory bound and, repeated, overflowing the peer's window (FLOW_CONTROL_ERROR).
-            count = stream.recv.consume(count)
-            if count <= 0:
-                return
-            if stream.state not in REMOTE_CLOSED:
-                increment = stream.recv.take_update()
-                if increment:
-                    self._queue_control(f.frame(f.FrameType.WINDOW_UPDATE, 0, stream_id, f.U32.pack(increment)))
-        elif stream_id in self._orphan_unacked:
-            outstanding = self._orphan_unacked[stream_id]
-            count = min(count, outstanding)  # as above: session credit for these bytes is returned exactly once
-            left = outstanding - count
-            if left > 0:
-                self._orphan_unacked[stream_id] = left
-            else:
-                del self._orphan_unacked[stream_id]
-        else:
+        if stream is None:
             return
-        self._credit_connection(count)
+        # Credit at most what was received and not yet acknowledged: an over-acknowledgement (a glue bug, or one
+        # ack both per chunk and per stream) would hand the peer credit beyond our windows, breaking the memory
+        # bound and, repeated, overflowing the peer's window (FLOW_CONTROL_ERROR).
+        count = stream.recv.consume(count)
+        if count <= 0:
+            return
+        self._unconsumed_total -= count
+        if stream.state not in REMOTE_CLOSED:
+            increment = stream.recv.take_update()
+            if increment:
+                self._queue_control(f.frame(f.FrameType.WINDOW_UPDATE, 0, stream_id, f.U32.pack(increment)))
+        released = stream.recv.release_session_credit(count)
+        if released:
+            self._credit_connection(released)
 
     def _credit_connection(self, count: int) -> None:
         # Batched (see ConnectionReceiveWindow.take_update), but never withheld from a peer that has less session
@@ -515,11 +538,17 @@ class Session:
     def _forget(self, stream_id: int, stream: _Stream) -> None:
         del self._streams[stream_id]
         stream.state = StreamState.CLOSED
-        stream.recv.release()
+        recv = stream.recv
+        recv.release()
         if stream_id & 1 != self._next_id & 1:
             self._peer_opened -= 1
-        if stream.recv.unconsumed > 0:
-            self._orphan_unacked[stream_id] = stream.recv.unconsumed
+        # What the stream still buffers is the application's to drop or flush, bounded by the stream's window: its
+        # session credit goes back now, exactly once (later acknowledgements of the stream are ignored).
+        self._unconsumed_total -= recv.unconsumed
+        held = recv.session_held
+        recv.session_held = 0
+        if held:
+            self._credit_connection(held)
 
     def stream_ids(self) -> list[int]:
         """The IDs of all open streams."""
@@ -631,6 +660,14 @@ class Session:
             return
         stream.recv.receive(length, stream_id)
         if length:
+            self._unconsumed_total += length
+            # Spec 3.4: session credit goes back on receipt while the tunnel buffers at most half the session
+            # window, so a stalled stream holds its own window but no session credit; beyond that, only once the
+            # bytes are consumed (the session window then bounds memory again).
+            if self._unconsumed_total <= self.settings.buffer_budget:
+                self._credit_connection(length)
+            else:
+                stream.recv.session_held += length
             events.append(DataReceived(stream_id, raw.payload))
         if fin:
             events.append(StreamEnded(stream_id))

@@ -70,9 +70,11 @@ class StreamReceiveWindow:
     :ivar pending: consumed bytes whose credit is not yet returned (batched).
     :ivar limit: the stream's current window: ``available + unconsumed + pending`` (never more).
     :ivar max_limit: how far auto-tuning may grow ``limit``.
+    :ivar session_held: unconsumed bytes whose *session* credit is withheld (the session returns session credit
+        on receipt while the tunnel's buffered total is small, else only once the bytes are consumed).
     """
 
-    __slots__ = ("available", "unconsumed", "pending", "limit", "max_limit", "_budget")
+    __slots__ = ("available", "unconsumed", "pending", "limit", "max_limit", "session_held", "_budget")
 
     def __init__(self, initial: int, max_limit: int, budget: WindowBudget) -> None:
         self.available = initial
@@ -80,6 +82,7 @@ class StreamReceiveWindow:
         self.pending = 0
         self.limit = initial
         self.max_limit = max(initial, max_limit)
+        self.session_held = 0
         self._budget = budget
         budget.used += initial
 
@@ -101,6 +104,13 @@ class StreamReceiveWindow:
         self.pending += count
         return count
 
+    def release_session_credit(self, consumed: int) -> int:
+        """Session credit withheld for bytes of this stream that may go back now that ``consumed`` bytes were
+        consumed (at most what is held, and never more held than unconsumed)."""
+        released = min(consumed, self.session_held)
+        self.session_held -= released
+        return released
+
     def take_update(self) -> int:
         """The increment to send now in a WINDOW_UPDATE, or 0 to keep batching.
 
@@ -112,7 +122,7 @@ class StreamReceiveWindow:
         if self.pending < self.limit >> 1:
             return 0
         growth = 0
-        if self.limit < self.max_limit and self.unconsumed <= self.limit >> 3 and self.available <= self.limit >> 1:
+        if self.limit < self.max_limit and self.unconsumed <= self.limit >> 3:
             growth = min(self.limit, self.max_limit - self.limit, self._budget.available())
             if growth > 0:
                 self.limit += growth

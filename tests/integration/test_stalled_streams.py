@@ -1,0 +1,148 @@
+"""Stalled streams on a tunnel: they cannot starve the others (no head-of-line blocking, spec 3.4).
+
+Attackers open up to 64 streams on one tunnel that never make progress, of three kinds: SOCKS downloads nobody
+reads, uploads to a backend that does not read, echo clients that write and never read. A fresh request on the
+same tunnel must still complete quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+
+from tests.harness import (
+    Echo,
+    PatternProducer,
+    SocksClient,
+    Source,
+    Stack,
+    reactor,
+    serve,
+    socks_connect,
+    tcp_rule,
+    wait_for,
+)
+
+MIB = 1024 * 1024
+
+
+class Sink(Protocol):
+    """A backend that accepts the connection and never reads from it."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+
+class FlowEcho(Echo):
+    """An echo with backpressure: it stops reading while its write buffer is full (the harness's plain Echo
+    reads on and buffers without bound when its client does not read)."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
+
+
+def _sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) if sys.platform.startswith("linux") else 0
+
+
+@pytest_twisted.inlineCallbacks
+def start_attack_stack(stack: Stack, **connector_overrides: Any) -> Iterator[Any]:
+    """A proxy and a connector with a source, a sink and an echo backend; returns the connector tunnel."""
+    source = yield serve(Source, total=1 << 40, connections=[])
+    sink = yield serve(Sink)
+    echo = yield serve(FlowEcho)
+    stack.ports += [source, sink, echo]
+    connector = stack.start_connector(
+        access=[
+            tcp_rule("source.internal", 9, source.getHost().port),
+            tcp_rule("sink.internal", 9, sink.getHost().port),
+            tcp_rule("echo.internal", 7, echo.getHost().port),
+        ],
+        **connector_overrides,
+    )
+    tunnel = yield connector.when_up()
+    return tunnel
+
+
+@pytest_twisted.inlineCallbacks
+def open_stalled(stack: Stack, n: int) -> Iterator[Any]:
+    """``n`` stalled streams, the three kinds in turn; returns the SOCKS clients and their producers."""
+    clients: list[SocksClient] = []
+    producers: list[PatternProducer] = []
+    kinds = ["source.internal", "sink.internal", "echo.internal"]
+    results = yield gatherResults(
+        [socks_connect(stack.socks_port, kinds[i % 3], 7 if i % 3 == 2 else 9) for i in range(n)],
+        consumeErrors=True,
+    )
+    for i, (client, reply) in enumerate(results):
+        assert reply == 0
+        client.keep = None
+        client.transport.pauseProducing()  # never reads
+        if i % 3:
+            # Uploads to the sink / the echo: far more than every window and buffer holds.
+            producers.append(PatternProducer(client.transport, 1 << 40, fin=False, seed=i))
+        clients.append(client)
+    return clients, producers
+
+
+@pytest_twisted.inlineCallbacks
+def settle(proxy_tunnel: Any, timeout: float = 30.0) -> Iterator[Any]:
+    """Wait until the tunnel's streams stop moving bytes (everything that can be buffered is)."""
+    def moved() -> int:
+        return sum(s.bytes_in + s.bytes_out for s in proxy_tunnel.streams.values())
+
+    previous = -1
+    deadline = reactor.seconds() + timeout
+    while moved() != previous and reactor.seconds() < deadline:
+        previous = moved()
+        yield _sleep(0.5)
+    return moved()
+
+
+@pytest_twisted.inlineCallbacks
+def fresh_request_seconds(stack: Stack, size: int = 64 * 1024, limit: float = 20.0) -> Iterator[Any]:
+    """Time a fresh SOCKS echo of ``size`` bytes on the same tunnel; ``limit`` if it did not complete."""
+    start = reactor.seconds()
+    client, reply = yield socks_connect(stack.socks_port, "echo.internal", 7)
+    assert reply == 0
+    PatternProducer(client.transport, size, seed=99)
+    try:
+        yield wait_for(lambda: client.received >= size, timeout=limit)
+    except TimeoutError:
+        client.transport.abortConnection()
+        return limit
+    elapsed = reactor.seconds() - start
+    client.transport.loseConnection()
+    return elapsed
+
+
+@pytest_twisted.inlineCallbacks
+def test_64_stalled_streams_do_not_block_a_fresh_request(stack: Stack) -> Any:
+    stack.start_proxy()
+    yield start_attack_stack(stack)
+    proxy_tunnel = next(iter(stack.proxy.tunnel_factory.tunnels))  # type: ignore[union-attr]
+    baseline = yield fresh_request_seconds(stack)
+    clients, producers = yield open_stalled(stack, 64)
+    buffered = yield settle(proxy_tunnel)
+    elapsed = yield fresh_request_seconds(stack)
+    print(f"\nfresh 64 KiB echo: {baseline:.3f}s idle, {elapsed:.3f}s with 64 stalled streams "
+          f"({buffered / MIB:.1f} MiB moved by them)")
+    assert elapsed < 5.0, f"a fresh request took {elapsed:.2f}s next to 64 stalled streams"
+    for p in producers:
+        p.stopProducing()
+    for c in clients:
+        c.transport.abortConnection()
+    yield gatherResults([c.done for c in clients])
