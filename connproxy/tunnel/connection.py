@@ -47,12 +47,13 @@ from connproxy.wire.session import (
 )
 
 _PING = struct.Struct(">d")
+DEFAULT_STALL_TIMEOUT_SECONDS = 60.0
 
 
 class TunnelTimers:
     """Timer settings of a tunnel connection (seconds)."""
 
-    __slots__ = ("ping_interval", "dead_after", "open_timeout", "handshake_timeout")
+    __slots__ = ("ping_interval", "dead_after", "open_timeout", "handshake_timeout", "stall_timeout")
 
     def __init__(
         self,
@@ -60,11 +61,15 @@ class TunnelTimers:
         dead_after: float = DEFAULT_DEAD_AFTER_SECONDS,
         open_timeout: float = DEFAULT_OPEN_TIMEOUT_SECONDS,
         handshake_timeout: float = DEFAULT_OPEN_TIMEOUT_SECONDS,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT_SECONDS,
     ) -> None:
         self.ping_interval = ping_interval
         self.dead_after = dead_after
         self.open_timeout = open_timeout
         self.handshake_timeout = handshake_timeout
+        #: Seconds a stream may wait without progress (data it cannot pass on, or credit) before it is reset
+        #: ``STREAM_STALLED`` (spec 3.4.2).
+        self.stall_timeout = stall_timeout
 
 
 @implementer(IPushProducer)

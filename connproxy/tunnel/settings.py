@@ -29,5 +29,6 @@ def settings_from(config: Any) -> tuple[Settings, TunnelTimers]:
         dead_after=t.dead_after_seconds,
         open_timeout=t.open_timeout_seconds,
         handshake_timeout=t.open_timeout_seconds,
+        stall_timeout=t.stall_timeout_seconds,
     )
     return settings, timers

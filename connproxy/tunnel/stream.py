@@ -20,11 +20,13 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
+    IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
     ITransport,
 )
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -38,7 +40,14 @@ if TYPE_CHECKING:
 
 @implementer(ITransport, IConsumer, IPushProducer)
 class TunnelStream:
-    """One stream of a :class:`~connproxy.tunnel.connection.TunnelConnection`, usable as a transport."""
+    """One stream of a :class:`~connproxy.tunnel.connection.TunnelConnection`, usable as a transport.
+
+    A stream that waits without progress for the tunnel's stall timeout — received data its consumer does not
+    take (we are paused with bytes not passed on), or bytes to send while the peer returns no credit — is reset
+    ``STREAM_STALLED`` and its protocol loses the connection (spec 3.4.2).
+    """
+
+    log = Logger()
 
     __slots__ = (
         "stream_id",
@@ -56,6 +65,7 @@ class TunnelStream:
         "_reading_paused",
         "_unacked",
         "_early",
+        "_stall_timer",
         "disconnecting",
         "bytes_in",
         "bytes_out",
@@ -77,6 +87,7 @@ class TunnelStream:
         self._reading_paused = False
         self._unacked = 0
         self._early: list[bytes] | None = None
+        self._stall_timer: IDelayedCall | None = None
         self.disconnecting = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -123,6 +134,7 @@ class TunnelStream:
         self.protocol.dataReceived(data)
         if self._reading_paused and not self._closed:
             self._unacked += len(data)
+            self._check_stall()
         else:
             self.connection.acknowledge(self.stream_id, len(data))
 
@@ -179,6 +191,7 @@ class TunnelStream:
             if self._producer is not None and self._producer_paused and not self._closed:
                 self._producer_paused = False
                 self._producer.resumeProducing()
+        self._check_stall(progress=True)
 
     # ------------------------------------------------------------------ ITransport
 
@@ -201,6 +214,7 @@ class TunnelStream:
 
     def _block(self) -> None:
         self.connection.stream_blocked(self)
+        self._check_stall()
         if self._producer is not None:
             # Pause even if we paused it before: someone else may have resumed it since (the relay's wiring
             # resumes both sockets), and a producer left running here would grow ``_pending`` without bound.
@@ -285,6 +299,7 @@ class TunnelStream:
     def pauseProducing(self) -> None:
         """Our consumer is full: stop returning credit, so the far end stops sending within a window."""
         self._reading_paused = True
+        self._check_stall()
 
     def resumeProducing(self) -> None:
         """Our consumer drained: return the credit of everything delivered meanwhile."""
@@ -292,6 +307,45 @@ class TunnelStream:
         if self._unacked:
             count, self._unacked = self._unacked, 0
             self.connection.acknowledge(self.stream_id, count)
+        self._check_stall(progress=True)
+
+    # ------------------------------------------------------------------ stall detection (spec 3.4.2)
+
+    @property
+    def stalled(self) -> bool:
+        """True while the stream waits without being able to make progress by itself: received bytes its
+        consumer does not take, or bytes to send without credit (a congested tunnel does not count)."""
+        if self._closed:
+            return False
+        if self._reading_paused and self._unacked > 0:
+            return True
+        return bool(self._pending) and not self.connection.congested
+
+    def _check_stall(self, progress: bool = False) -> None:
+        timer = self._stall_timer
+        if not self.stalled:
+            if timer is not None:
+                if timer.active():
+                    timer.cancel()
+                self._stall_timer = None
+            return
+        timeout = self.connection.timers.stall_timeout
+        if timer is None or not timer.active():
+            self._stall_timer = self.connection.clock.callLater(timeout, self._stall_expired)
+        elif progress:
+            timer.reset(timeout)
+
+    def _stall_expired(self) -> None:
+        self._stall_timer = None
+        if not self.stalled:
+            return
+        timeout = self.connection.timers.stall_timeout
+        self.log.info(
+            "tunnel stream {stream_id} to {target} stalled for {timeout}s ({why}): resetting STREAM_STALLED",
+            stream_id=self.stream_id, target=f"{self.request.host}:{self.request.port}", timeout=timeout,
+            why="its reader takes no data" if self._reading_paused and self._unacked else "no credit from the peer",
+        )
+        self.refuse(ErrorCode.STREAM_STALLED, f"no progress for {timeout:g}s")
 
     def stopProducing(self) -> None:
         """Our consumer went away: close the stream after what is pending."""
@@ -305,6 +359,10 @@ class TunnelStream:
         self._closed = True
         self.disconnecting = True
         self._pending = b""
+        if self._stall_timer is not None:
+            if self._stall_timer.active():
+                self._stall_timer.cancel()
+            self._stall_timer = None
         if self._early:
             # Early data that no protocol took: its session credit must still go back to the peer.
             self._unacked += sum(len(chunk) for chunk in self._early)

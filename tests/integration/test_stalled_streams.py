@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
+from connproxy.wire.errors import ErrorCode
 from tests.harness import (
     Echo,
     PatternProducer,
@@ -34,11 +35,18 @@ MIB = 1024 * 1024
 
 
 class Sink(Protocol):
-    """A backend that accepts the connection and never reads from it."""
+    """A backend that accepts the connection and never reads from it (so it notices no close either, until the
+    test resumes it)."""
+
+    lost = False
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        self.factory.connections.append(self)  # type: ignore[attr-defined]
         self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost = True
 
 
 class FlowEcho(Echo):
@@ -62,7 +70,8 @@ def open_fds() -> int:
 def start_attack_stack(stack: Stack, **connector_overrides: Any) -> Iterator[Any]:
     """A proxy and a connector with a source, a sink and an echo backend; returns the connector tunnel."""
     source = yield serve(Source, total=1 << 40, connections=[])
-    sink = yield serve(Sink)
+    sink = yield serve(Sink, connections=[])
+    stack.sinks = sink.factory.connections  # type: ignore[attr-defined]
     echo = yield serve(FlowEcho)
     stack.ports += [source, sink, echo]
     connector = stack.start_connector(
@@ -146,3 +155,74 @@ def test_64_stalled_streams_do_not_block_a_fresh_request(stack: Stack) -> Any:
     for c in clients:
         c.transport.abortConnection()
     yield gatherResults([c.done for c in clients])
+
+
+@pytest_twisted.inlineCallbacks
+def test_stalled_streams_are_ended_and_leave_nothing_behind(stack: Stack) -> Any:
+    """With a 2 s stall timeout: streams of attackers that stay are reset STREAM_STALLED and their client
+    connections closed; attackers that leave while the proxy has paused reading their sockets are noticed; open
+    streams and file descriptors return to where they started, and the tunnel carries on."""
+    tunnel_conf = {"tunnel": {"stallTimeoutSeconds": 2}}
+    stack.start_proxy(**tunnel_conf)
+    connector_tunnel = yield start_attack_stack(stack, **tunnel_conf)
+    proxy_tunnel = next(iter(stack.proxy.tunnel_factory.tunnels))  # type: ignore[union-attr]
+    resets: list[Any] = []
+    for tunnel in (proxy_tunnel, connector_tunnel):
+        original = tunnel._on_reset
+
+        def record(event: Any, original: Any = original) -> None:
+            resets.append(event.code)
+            original(event)
+
+        tunnel._on_reset = record
+    warm = yield fresh_request_seconds(stack)
+    assert warm < 5.0
+    yield wait_for(lambda: not proxy_tunnel.streams, timeout=10)
+    fds_before = open_fds()
+    start = reactor.seconds()
+    clients, producers = yield open_stalled(stack, 24)
+    assert len(proxy_tunnel.streams) == 24
+    leavers, stayers = clients[::2], clients[1::2]
+    for c in leavers:
+        c.transport.abortConnection()  # gone while the proxy holds its socket paused
+    yield wait_for(lambda: not proxy_tunnel.streams and not connector_tunnel.streams, timeout=20)
+    ended = reactor.seconds() - start
+    assert ErrorCode.STREAM_STALLED in resets
+    # The attackers that stayed leave too (their sockets were paused, so they may not have noticed the close).
+    for p in producers:
+        p.stopProducing()
+    for c in stayers:
+        c.transport.abortConnection()
+    yield gatherResults([c.done for c in clients])
+    # The sink backend stopped reading, so it notices the connector's close only once it reads again: it does,
+    # and every sink connection ends (the connector did close its side).
+    sinks = stack.sinks  # type: ignore[attr-defined]
+    for sink in sinks:
+        sink.transport.resumeProducing()
+    yield wait_for(lambda: all(sink.lost for sink in sinks), timeout=10)
+    yield wait_for(lambda: open_fds() <= fds_before, timeout=20)
+    print(f"\n24 stalled streams (stall timeout 2 s): every stream reset and its connections closed after "
+          f"{ended:.1f}s; fds {fds_before} before, {open_fds()} after")
+    assert not proxy_tunnel.lost and connector_tunnel.session.ready  # the tunnel survived
+    again = yield fresh_request_seconds(stack)
+    assert again < 5.0
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_timeout_resets_the_stream_idle_timeout(stack: Stack) -> Any:
+    """The SOCKS idle timeout cuts a relay short: the connector sees RESET IDLE_TIMEOUT, not a FIN."""
+    stack.start_proxy(servers={"proxy": {"clientConnection": {"idleTimeoutSeconds": 1}}})
+    connector_tunnel = yield start_attack_stack(stack)
+    resets: list[Any] = []
+    original = connector_tunnel._on_reset
+
+    def record(event: Any) -> None:
+        resets.append(event.code)
+        original(event)
+
+    connector_tunnel._on_reset = record
+    client, reply = yield socks_connect(stack.socks_port, "echo.internal", 7)
+    assert reply == 0
+    yield client.done
+    yield wait_for(lambda: resets, timeout=10)
+    assert resets == [ErrorCode.IDLE_TIMEOUT]

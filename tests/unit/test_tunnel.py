@@ -606,6 +606,64 @@ class FlowControlTests(SynchronousTestCase):
         self.assertEqual(backend.received, b"early" + b"x" * 65536)
 
 
+def stall_timers(pair: TunnelPair) -> list[Any]:
+    return [c for c in pair.clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "_stall_expired"]
+
+
+class StallTests(SynchronousTestCase):
+    """Spec 3.4.2: a stream that waits without progress for the stall timeout is reset STREAM_STALLED and the
+    connections it relays to are aborted; progress restarts the wait."""
+
+    def stalled_upload(self) -> tuple[TunnelPair, RelayedStream]:
+        pair = TunnelPair()
+        # The proxy's timer fires first (the connector's would reset the stream from its side just the same).
+        pair.dialer.timers = TunnelTimers(stall_timeout=2 * TIMERS.stall_timeout)
+        s = pair.relayed_stream()
+        s.backend_t.producer.pauseProducing()  # the backend does not read
+        s.client.dataReceived(b"x" * (SMALL.stream_window + 5000))  # more than a window: the rest waits
+        pair.flush()
+        self.assertTrue(s.dialer_stream.stalled and s.proxy_stream.stalled)
+        return pair, s
+
+    def test_a_stalled_stream_is_reset_and_its_connections_aborted(self) -> None:
+        pair, s = self.stalled_upload()
+        pair.advance(TIMERS.stall_timeout - 1)
+        self.assertFalse(s.proxy_stream.closed)
+        pair.advance(1)
+        self.assertTrue(s.proxy_stream.closed and s.dialer_stream.closed)
+        self.assertTrue(s.client_t.aborted and s.backend_t.aborted)  # cut short: aborted, not closed cleanly
+        codes = {r.code for r in pair.dialer.resets}
+        self.assertEqual(codes, {ErrorCode.STREAM_STALLED})
+        self.assertEqual(pair.proxy.streams, {})
+        self.assertEqual(pair.dialer.streams, {})
+        self.assertFalse(pair.proxy.lost)  # the tunnel lives on
+        self.assertEqual(stall_timers(pair), [])
+
+    def test_progress_restarts_the_wait(self) -> None:
+        pair, s = self.stalled_upload()
+        pair.advance(TIMERS.stall_timeout - 1)
+        s.backend_t.producer.resumeProducing()  # the backend reads a little
+        pair.flush()
+        s.backend_t.producer.pauseProducing()
+        s.client.dataReceived(b"y" * (2 * SMALL.stream_window))
+        pair.flush()
+        pair.advance(TIMERS.stall_timeout - 1)
+        self.assertFalse(s.proxy_stream.closed)
+        self.assertEqual(pair.dialer.resets, [])
+        pair.advance(1)
+        self.assertTrue(s.proxy_stream.closed)
+
+    def test_a_reader_that_keeps_up_is_never_stalled(self) -> None:
+        pair = TunnelPair()
+        s = pair.relayed_stream()
+        for _ in range(5):
+            s.client.dataReceived(b"z" * SMALL.stream_window)
+            pair.advance(TIMERS.stall_timeout / 2)
+        self.assertFalse(s.proxy_stream.closed)
+        self.assertEqual(len(s.backend_t.value()), 5 * SMALL.stream_window)
+        self.assertEqual(stall_timers(pair), [])
+
+
 class HalfCloseTests(SynchronousTestCase):
     def test_fin_each_way_through_the_glue(self) -> None:
         pair = TunnelPair()
