@@ -664,6 +664,76 @@ class StallTests(SynchronousTestCase):
         self.assertEqual(stall_timers(pair), [])
 
 
+class BrokenProtocol(Protocol):
+    def connectionMade(self) -> None:
+        raise RuntimeError("injected in connectionMade")
+
+
+class StreamFaultTests(SynchronousTestCase):
+    """An exception while handling one stream resets it INTERNAL_ERROR; the tunnel and other streams go on."""
+
+    def test_factory_failing_at_accept_fails_the_open_and_resets_the_stream(self) -> None:
+        pair = TunnelPair()
+
+        class BrokenFactory(Factory):
+            def buildProtocol(self, addr: Any) -> Protocol:
+                raise RuntimeError("injected in buildProtocol")
+
+        d = pair.proxy.open_stream(TARGET, BrokenFactory())
+        pair.flush()
+        stream = pair.dialer.opened[0]
+        pair.dialer.accept(stream, Recorder())
+        pair.flush()
+        failure = self.failureResultOf(d, StreamRefusedError)
+        self.assertEqual(failure.value.code, ErrorCode.INTERNAL_ERROR)
+        self.assertEqual([r.code for r in pair.dialer.resets], [ErrorCode.INTERNAL_ERROR])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(pair.proxy.streams, {})
+        self.assertEqual(pair.dialer.streams, {})
+        self.assert_still_works(pair)
+
+    def test_protocol_failing_when_accepted_resets_the_stream(self) -> None:
+        pair = TunnelPair()
+        d = pair.proxy.open_stream(TARGET, Factory.forProtocol(Recorder))
+        pair.flush()
+        stream = pair.dialer.opened[0]
+        pair.dialer.accept(stream, BrokenProtocol())
+        pair.flush()
+        # The ACCEPT was out before the protocol failed: the opener's stream is then reset.
+        proto = self.successResultOf(d)
+        assert proto.lost is not None
+        self.assertEqual(proto.lost.value.code, ErrorCode.INTERNAL_ERROR)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(pair.dialer.streams, {})
+        self.assert_still_works(pair)
+
+    def test_receiving_protocol_failing_resets_only_its_stream(self) -> None:
+        pair = TunnelPair()
+        good = pair.relayed_stream()
+        bad = pair.relayed_stream()
+
+        def broken(data: bytes) -> None:
+            raise ValueError("injected in dataReceived")
+
+        bad.proxy_relay.dataReceived = broken  # type: ignore[method-assign]
+        bad.far.dataReceived(b"to the client")
+        good.far.dataReceived(b"fine")
+        pair.flush()
+        self.assertTrue(bad.proxy_stream.closed and bad.dialer_stream.closed)
+        self.assertTrue(bad.backend_t.aborted)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(good.client_t.value(), b"fine")
+        self.assertFalse(good.proxy_stream.closed)
+        self.assertFalse(pair.proxy.lost)
+
+    def assert_still_works(self, pair: TunnelPair) -> None:
+        s = pair.relayed_stream()
+        s.client.dataReceived(b"ping")
+        pair.flush()
+        self.assertEqual(s.backend_t.value(), b"ping")
+        self.assertFalse(pair.proxy.lost)
+
+
 class HalfCloseTests(SynchronousTestCase):
     def test_fin_each_way_through_the_glue(self) -> None:
         pair = TunnelPair()
