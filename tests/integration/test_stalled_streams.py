@@ -226,3 +226,30 @@ def test_idle_timeout_resets_the_stream_idle_timeout(stack: Stack) -> Any:
     yield client.done
     yield wait_for(lambda: resets, timeout=10)
     assert resets == [ErrorCode.IDLE_TIMEOUT]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_that_resets_while_paused_is_noticed_before_the_stall_timeout(stack: Stack) -> Any:
+    """Uploads to a backend that does not read: the proxy stops reading the clients' sockets. Clients that then
+    reset their connections are noticed by the probe of the paused socket within seconds, long before the
+    default 60 s stall timeout."""
+    small = {"tunnel": {"streamWindowBytes": 262144}}  # less to fill before the uploads stall
+    stack.start_proxy(**small)
+    connector_tunnel = yield start_attack_stack(stack, **small)
+    assert connector_tunnel.timers.stall_timeout == 60
+    proxy_tunnel = next(iter(stack.proxy.tunnel_factory.tunnels))  # type: ignore[union-attr]
+    results = yield gatherResults([socks_connect(stack.socks_port, "sink.internal", 9) for _ in range(8)])
+    producers = []
+    for client, reply in results:
+        assert reply == 0
+        producers.append(PatternProducer(client.transport, 1 << 40, fin=False))
+    yield wait_for(lambda: all(s.stalled for s in proxy_tunnel.streams.values()), timeout=60)
+    start = reactor.seconds()
+    for p in producers:
+        p.stopProducing()
+    for client, _reply in results:
+        client.transport.abortConnection()  # RST: the proxy is not reading these sockets
+    yield wait_for(lambda: not proxy_tunnel.streams and not connector_tunnel.streams, timeout=20)
+    noticed = reactor.seconds() - start
+    print(f"\n8 clients reset while paused: noticed and cleaned up after {noticed:.1f}s (stall timeout 60 s)")
+    assert noticed < 20
