@@ -1,5 +1,5 @@
 """The tunnel settings both roles build from their configuration's ``tunnel`` block (defaults live in
-:mod:`connproxy.wire.session`, once), and the capabilities both announce in HELLO (spec section 3.3)."""
+:mod:`connproxy.wire.session`, once), and the capabilities both announce in HELLO (spec section 3.1)."""
 
 from __future__ import annotations
 
