@@ -19,8 +19,22 @@ from connproxy.wire.errors import ErrorCode
 _log = Logger(namespace="connproxy.connector.backend")
 
 
+class BackendSetupError(Exception):
+    """The connection to a backend could not even be set up (its endpoint failed to build: a TLS mapping's CA
+    file missing or unreadable, bad TLS material ...).
+
+    :ivar code: the RESET code: ``TLS_ERROR`` for TLS mappings, else ``INTERNAL_ERROR``.
+    """
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def reset_code_for(failure: Failure) -> ErrorCode:
     """The RESET code for a failed backend connection."""
+    if failure.check(BackendSetupError):
+        return failure.value.code  # type: ignore[union-attr,no-any-return]
     if failure.check(ierror.ConnectionRefusedError):
         return ErrorCode.CONNECT_REFUSED
     if failure.check(ierror.TimeoutError, DeferredTimeoutError, CancelledError):
@@ -42,7 +56,9 @@ def backend_failed(failure: Failure, tunnel: Any, stream: TunnelStream, mapping:
         return
     code = reset_code_for(failure)
     request = stream.request
-    _log.info(
+    # A connection that could not even be set up is this connector's configuration problem: an error, once.
+    emit = _log.error if failure.check(BackendSetupError) else _log.info
+    emit(
         "backend of {mapping} unreachable for subaccount {tenant}: {code} {error}",
         mapping=mapping, target=f"{request.host}:{request.port}", tenant=request.meta.get("tenant"),
         code=code.name, error=failure.getErrorMessage(),

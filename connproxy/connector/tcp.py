@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.abstract import isIPAddress
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from connproxy.config import AccessRule, ConnectorConfig
 from connproxy.connector.access import audit_decision, decide, describe_mapping
-from connproxy.connector.backend import OneShotFactory, backend_failed, track_backend_connect
+from connproxy.connector.backend import BackendSetupError, OneShotFactory, backend_failed, track_backend_connect
 from connproxy.connector.http_gateway import HttpGateway
 from connproxy.nodelay import set_no_delay
 from connproxy.obs import audit
@@ -74,6 +74,18 @@ class BackendRelay(Relay):
         super().connectionLost(reason)
 
 
+@implementer(IStreamClientEndpoint)
+class _FailedEndpoint:
+    """An endpoint whose every connect fails with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def connect(self, protocolFactory: Any) -> Deferred[Any]:
+        """Fail at once."""
+        return fail(self.error)
+
+
 class BackendDialer:
     """Serves streams the proxy opens: access control, backend connect, relay."""
 
@@ -90,7 +102,25 @@ class BackendDialer:
         self.config = config
         self.audit_writer = audit_writer
         self._endpoint_for = endpoint_for or self._default_endpoint
-        self.http = HttpGateway(reactor, config, self._endpoint_for, audit_writer)
+        self.http = HttpGateway(reactor, config, self.endpoint_for, audit_writer)
+
+    def endpoint_for(self, rule: AccessRule, host: str, port: int) -> IStreamClientEndpoint:
+        """The endpoint of a backend connection for ``rule``; never raises.
+
+        Building it can fail (a ``TCP_TLS``/``HTTPS`` mapping whose CA file is missing raises
+        ``FileNotFoundError``): that connection then fails with :class:`BackendSetupError` (``TLS_ERROR`` for TLS
+        mappings), which the stream's RESET reports, instead of an exception that would reach the tunnel.
+        """
+        try:
+            return self._endpoint_for(rule, host, port)
+        except Exception as e:
+            tls = rule.protocol in ("TCP_TLS", "HTTPS")
+            what = "TLS to the backend cannot be set up" if tls else "the backend connection cannot be set up"
+            error = BackendSetupError(
+                f"{what} for system {rule.virtual_host} -> {host}:{port}: {type(e).__name__}: {e}",
+                ErrorCode.TLS_ERROR if tls else ErrorCode.INTERNAL_ERROR,
+            )
+            return _FailedEndpoint(error)
 
     def _default_endpoint(self, rule: AccessRule, host: str, port: int) -> IStreamClientEndpoint:
         timeout = self.config.backend.connect_timeout_seconds
@@ -127,7 +157,7 @@ class BackendDialer:
         near = Relay()
         far = BackendRelay(near, tls=rule.protocol == "TCP_TLS")
         link(near, far)
-        endpoint = self._endpoint_for(rule, rule.internal_host, internal_port)
+        endpoint = self.endpoint_for(rule, rule.internal_host, internal_port)
         connecting = endpoint.connect(OneShotFactory(far))
         timeout = self.config.backend.connect_timeout_seconds
         ready: Deferred[Any] = connecting.addCallback(lambda _p: far.ready)

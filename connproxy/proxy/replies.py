@@ -51,6 +51,7 @@ _HTTP_BY_CODE = {
     ErrorCode.ACCESS_DENIED: 403,
     ErrorCode.CONNECT_TIMEOUT: 504,
     ErrorCode.IDLE_TIMEOUT: 504,
+    ErrorCode.STREAM_STALLED: 504,
 }
 
 
@@ -84,6 +85,7 @@ _CODE_TEXT = {
     ErrorCode.CONNECT_TIMEOUT: "gateway timeout: the backend of system {target} did not accept the connection "
                                "in time",
     ErrorCode.IDLE_TIMEOUT: "gateway timeout: system {target} was idle for too long",
+    ErrorCode.STREAM_STALLED: "gateway timeout: the exchange with system {target} made no progress",
     ErrorCode.REFUSED_STREAM: "service unavailable: the connector refused the request (busy or draining)",
     ErrorCode.CANCEL: "gateway timeout: the request to system {target} was cancelled",
 }

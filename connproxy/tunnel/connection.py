@@ -48,12 +48,13 @@ from connproxy.wire.session import (
 )
 
 _PING = struct.Struct(">d")
+DEFAULT_STALL_TIMEOUT_SECONDS = 60.0
 
 
 class TunnelTimers:
     """Timer settings of a tunnel connection (seconds)."""
 
-    __slots__ = ("ping_interval", "dead_after", "open_timeout", "handshake_timeout")
+    __slots__ = ("ping_interval", "dead_after", "open_timeout", "handshake_timeout", "stall_timeout")
 
     def __init__(
         self,
@@ -61,11 +62,15 @@ class TunnelTimers:
         dead_after: float = DEFAULT_DEAD_AFTER_SECONDS,
         open_timeout: float = DEFAULT_OPEN_TIMEOUT_SECONDS,
         handshake_timeout: float = DEFAULT_OPEN_TIMEOUT_SECONDS,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT_SECONDS,
     ) -> None:
         self.ping_interval = ping_interval
         self.dead_after = dead_after
         self.open_timeout = open_timeout
         self.handshake_timeout = handshake_timeout
+        #: Seconds a stream may wait without progress (data it cannot pass on, or credit) before it is reset
+        #: ``STREAM_STALLED`` (spec 3.4.2).
+        self.stall_timeout = stall_timeout
 
 
 @implementer(IPushProducer)
@@ -224,9 +229,57 @@ class TunnelConnection(Protocol):
                 self.fail(e.code, str(e))
                 return
             for event in events:
-                self._dispatch(event)
+                if self.lost:
+                    break
+                self._dispatch_guarded(event)
         finally:
             self._in_receive = False
+        self._flush()
+
+    def _dispatch_guarded(self, event: Event) -> None:
+        """Dispatch one event; an exception while handling one stream ends that stream, never the tunnel."""
+        try:
+            self._dispatch(event)
+        except Exception:
+            stream_id = getattr(event, "stream_id", 0)
+            if stream_id:
+                self.stream_fault(stream_id, Failure(), type(event).__name__)
+            else:
+                self.log.failure(
+                    "tunnel {peer}: handling {event} failed: closing the tunnel", Failure(),
+                    peer=self.describe_peer(), event=type(event).__name__,
+                )
+                self.fail(ErrorCode.INTERNAL_ERROR, "internal error")
+
+    def stream_fault(self, stream_id: int, failure: Failure, stage: str) -> None:
+        """An exception while serving one stream (``stage`` names where): log it once, naming the stream's target,
+        and RESET the stream ``INTERNAL_ERROR``; the tunnel and its other streams go on (spec section 4)."""
+        stream = self.streams.get(stream_id)
+        request = stream.request if stream is not None else None
+        self.log.failure(
+            "tunnel {peer}: stream {stream_id} to {target} ({kind}, subaccount {tenant}) failed in {stage}: "
+            "resetting it INTERNAL_ERROR",
+            failure,
+            peer=self.describe_peer(), stream_id=stream_id, stage=stage,
+            target=f"{request.host}:{request.port}" if request is not None else "?",
+            kind=request.kind if request is not None else "?",
+            tenant=request.meta.get("tenant") if request is not None else None,
+        )
+        self.session.reset_stream(stream_id, ErrorCode.INTERNAL_ERROR, "internal error")
+        entry = self._opening.pop(stream_id, None)
+        if entry is not None:
+            if entry[2].active():
+                entry[2].cancel()
+            entry[0].errback(StreamRefusedError(ErrorCode.INTERNAL_ERROR, "internal error"))
+        if stream is not None and not stream.closed:
+            try:
+                stream.reset(ErrorCode.INTERNAL_ERROR, "internal error")
+            except Exception:
+                # The protocol failed again while being told: forget the stream regardless.
+                self.log.failure("stream {stream_id}: closing after the fault failed too", stream_id=stream_id)
+                self.streams.pop(stream_id, None)
+                self._blocked.pop(stream_id, None)
+                self.streams_changed()
         self._flush()
 
     def _dispatch(self, event: Event) -> None:
@@ -340,13 +393,18 @@ class TunnelConnection(Protocol):
             return
         d, factory, timer = entry
         timer.cancel()
-        protocol = factory.buildProtocol(self.peer_address())
+        try:
+            protocol = factory.buildProtocol(self.peer_address())
+            if protocol is not None:
+                stream.attach(protocol)  # type: ignore[arg-type]
+        except Exception:
+            self._opening[stream_id] = entry  # so that stream_fault (via _dispatch_guarded) fails the opener
+            raise
         if protocol is None:
             self.reset_stream(stream_id, ErrorCode.CANCEL, "no protocol")
             stream.reset(ErrorCode.CANCEL, "no protocol")
             d.errback(StreamRefusedError(ErrorCode.CANCEL, "factory built no protocol"))
             return
-        stream.attach(protocol)  # type: ignore[arg-type]
         d.callback(protocol)  # type: ignore[arg-type]
 
     def _on_reset(self, event: StreamReset) -> None:
@@ -359,10 +417,19 @@ class TunnelConnection(Protocol):
             entry[0].errback(StreamRefusedError(event.code, event.reason))
 
     def accept(self, stream: TunnelStream, protocol: Protocol) -> None:
-        """Accept a stream the peer opened and connect ``protocol`` to it (early data is delivered now)."""
+        """Accept a stream the peer opened and connect ``protocol`` to it (early data is delivered now).
+
+        An exception from the protocol while it is connected (or takes the early data) resets the stream
+        ``INTERNAL_ERROR`` (:meth:`stream_fault`) instead of reaching the caller.
+        """
+        if stream.closed:
+            return
         self.session.accept_stream(stream.stream_id)
         self._flush()
-        stream.attach(protocol)
+        try:
+            stream.attach(protocol)
+        except Exception:
+            self.stream_fault(stream.stream_id, Failure(), "accept")
 
     # ------------------------------------------------------------------ called by streams
 
@@ -449,7 +516,10 @@ class TunnelConnection(Protocol):
             if self._paused:
                 self._blocked[stream.stream_id] = stream
             else:
-                stream.window_available()
+                try:
+                    stream.window_available()
+                except Exception:
+                    self.stream_fault(stream.stream_id, Failure(), "resume")
 
     # ------------------------------------------------------------------ output and IPushProducer
 

@@ -1,5 +1,5 @@
 """The tunnel settings both roles build from their configuration's ``tunnel`` block (defaults live in
-:mod:`connproxy.wire.session`, once), and the capabilities both announce in HELLO (spec section 3.3)."""
+:mod:`connproxy.wire.session`, once), and the capabilities both announce in HELLO (spec section 3.1)."""
 
 from __future__ import annotations
 
@@ -29,5 +29,6 @@ def settings_from(config: Any) -> tuple[Settings, TunnelTimers]:
         dead_after=t.dead_after_seconds,
         open_timeout=t.open_timeout_seconds,
         handshake_timeout=t.open_timeout_seconds,
+        stall_timeout=t.stall_timeout_seconds,
     )
     return settings, timers

@@ -13,6 +13,7 @@ The protocol on a stream (a :class:`connproxy.relay.Relay`) sees an ordinary hal
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING
 
 from twisted.internet.address import IPv4Address
@@ -20,11 +21,13 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
+    IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
     ITransport,
 )
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -38,7 +41,14 @@ if TYPE_CHECKING:
 
 @implementer(ITransport, IConsumer, IPushProducer)
 class TunnelStream:
-    """One stream of a :class:`~connproxy.tunnel.connection.TunnelConnection`, usable as a transport."""
+    """One stream of a :class:`~connproxy.tunnel.connection.TunnelConnection`, usable as a transport.
+
+    A stream that waits without progress for the tunnel's stall timeout — received data its consumer does not
+    take (we are paused with bytes not passed on), or bytes to send while the peer returns no credit — is reset
+    ``STREAM_STALLED`` and its protocol loses the connection (spec 3.4.2).
+    """
+
+    log = Logger()
 
     __slots__ = (
         "stream_id",
@@ -56,6 +66,8 @@ class TunnelStream:
         "_reading_paused",
         "_unacked",
         "_early",
+        "_stall_timer",
+        "_probe_timer",
         "disconnecting",
         "bytes_in",
         "bytes_out",
@@ -77,6 +89,8 @@ class TunnelStream:
         self._reading_paused = False
         self._unacked = 0
         self._early: list[bytes] | None = None
+        self._stall_timer: IDelayedCall | None = None
+        self._probe_timer: IDelayedCall | None = None
         self.disconnecting = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -123,6 +137,7 @@ class TunnelStream:
         self.protocol.dataReceived(data)
         if self._reading_paused and not self._closed:
             self._unacked += len(data)
+            self._check_stall()
         else:
             self.connection.acknowledge(self.stream_id, len(data))
 
@@ -179,6 +194,7 @@ class TunnelStream:
             if self._producer is not None and self._producer_paused and not self._closed:
                 self._producer_paused = False
                 self._producer.resumeProducing()
+        self._check_stall(progress=True)
 
     # ------------------------------------------------------------------ ITransport
 
@@ -206,6 +222,7 @@ class TunnelStream:
             # resumes both sockets), and a producer left running here would grow ``_pending`` without bound.
             self._producer_paused = True
             self._producer.pauseProducing()
+        self._check_stall()  # after pausing: a paused producer is probed for a peer that goes away
 
     def writeSequence(self, data: list[bytes]) -> None:  # type: ignore[override]
         """Send the concatenation of ``data``."""
@@ -285,6 +302,7 @@ class TunnelStream:
     def pauseProducing(self) -> None:
         """Our consumer is full: stop returning credit, so the far end stops sending within a window."""
         self._reading_paused = True
+        self._check_stall()
 
     def resumeProducing(self) -> None:
         """Our consumer drained: return the credit of everything delivered meanwhile."""
@@ -292,6 +310,75 @@ class TunnelStream:
         if self._unacked:
             count, self._unacked = self._unacked, 0
             self.connection.acknowledge(self.stream_id, count)
+        self._check_stall(progress=True)
+
+    # ------------------------------------------------------------------ stall detection (spec 3.4.2)
+
+    @property
+    def stalled(self) -> bool:
+        """True while the stream waits without being able to make progress by itself: received bytes its
+        consumer does not take, or bytes to send without credit (a congested tunnel does not count)."""
+        if self._closed:
+            return False
+        if self._reading_paused and self._unacked > 0:
+            return True
+        return bool(self._pending) and not self.connection.congested
+
+    def _check_stall(self, progress: bool = False) -> None:
+        timer = self._stall_timer
+        if not self.stalled:
+            if timer is not None:
+                if timer.active():
+                    timer.cancel()
+                self._stall_timer = None
+            self._stop_probe()
+            return
+        timeout = self.connection.timers.stall_timeout
+        if timer is None or not timer.active():
+            self._stall_timer = self.connection.clock.callLater(timeout, self._stall_expired)
+        elif progress:
+            timer.reset(timeout)
+        if self._pending and self._producer_paused and self._probe_timer is None:
+            self._probe_timer = self.connection.clock.callLater(self._probe_interval(), self._probe_producer)
+
+    def _probe_interval(self) -> float:
+        return max(0.05, min(PROBE_INTERVAL_SECONDS, self.connection.timers.stall_timeout / 4))
+
+    def _stop_probe(self) -> None:
+        if self._probe_timer is not None:
+            if self._probe_timer.active():
+                self._probe_timer.cancel()
+            self._probe_timer = None
+
+    def _probe_producer(self) -> None:
+        """While we keep the socket feeding us paused, it would not notice its peer resetting the connection:
+        look at the socket itself (pending error, TCP state) and end the stream if the peer is gone."""
+        self._probe_timer = None
+        producer = self._producer
+        if self._closed or producer is None or not self._producer_paused:
+            return
+        if socket_peer_gone(producer):
+            self.log.info(
+                "tunnel stream {stream_id} to {target}: the connection feeding it was reset while paused",
+                stream_id=self.stream_id, target=f"{self.request.host}:{self.request.port}",
+            )
+            self.connection.reset_stream(self.stream_id, ErrorCode.CANCEL, "connection reset while paused")
+            self._finish(Failure(StreamResetError(ErrorCode.CANCEL, "connection reset while paused")))
+            return
+        if self.stalled:
+            self._probe_timer = self.connection.clock.callLater(self._probe_interval(), self._probe_producer)
+
+    def _stall_expired(self) -> None:
+        self._stall_timer = None
+        if not self.stalled:
+            return
+        timeout = self.connection.timers.stall_timeout
+        self.log.info(
+            "tunnel stream {stream_id} to {target} stalled for {timeout}s ({why}): resetting STREAM_STALLED",
+            stream_id=self.stream_id, target=f"{self.request.host}:{self.request.port}", timeout=timeout,
+            why="its reader takes no data" if self._reading_paused and self._unacked else "no credit from the peer",
+        )
+        self.refuse(ErrorCode.STREAM_STALLED, f"no progress for {timeout:g}s")
 
     def stopProducing(self) -> None:
         """Our consumer went away: close the stream after what is pending."""
@@ -305,6 +392,11 @@ class TunnelStream:
         self._closed = True
         self.disconnecting = True
         self._pending = b""
+        if self._stall_timer is not None:
+            if self._stall_timer.active():
+                self._stall_timer.cancel()
+            self._stall_timer = None
+        self._stop_probe()
         if self._early:
             # Early data that no protocol took: its session credit must still go back to the peer.
             self._unacked += sum(len(chunk) for chunk in self._early)
@@ -318,6 +410,30 @@ class TunnelStream:
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
             protocol.connectionLost(reason)
+
+
+#: How often a stream probes the paused socket feeding it for a reset (at most, and at most a quarter of the
+#: stall timeout).
+PROBE_INTERVAL_SECONDS = 2.0
+_TCP_CLOSE = 7  # tcpi_state of a connection the peer reset (Linux include/net/tcp_states.h)
+
+
+def socket_peer_gone(transport: object) -> bool:
+    """True if ``transport`` is a TCP socket transport whose peer reset the connection (a pending socket error, or
+    the kernel's TCP state CLOSE). Best effort: anything else (TLS wrappers, no socket, other platforms) is
+    "not known to be gone"."""
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return False
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            return True
+        tcp_info = getattr(socket, "TCP_INFO", None)
+        if tcp_info is not None:
+            return bool(sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] == _TCP_CLOSE)
+    except (OSError, ValueError, TypeError, IndexError):
+        return False
+    return False
 
 
 def reset_transport(transport: object, code: ErrorCode, reason: str) -> bool:

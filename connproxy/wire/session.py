@@ -32,6 +32,8 @@ from connproxy.wire.events import (
     StreamReset,
     WindowUpdated,
 )
+from connproxy.wire.streams import REMOTE_CLOSED, Outcome, StreamEvent, StreamState, transition
+from connproxy.wire.windows import ConnectionReceiveWindow, SendCredit, StreamReceiveWindow, WindowBudget
 
 SUPPORTED_VERSIONS = (1,)
 #: GOAWAY codes that drain (streams go on) rather than end the session at once.
@@ -57,6 +59,9 @@ class Role(enum.Enum):
 #: The one set of tunnel tuning defaults (spec section 6); the ``tunnel`` configuration block and the Twisted
 #: glue take theirs from here.
 DEFAULT_STREAM_WINDOW: Final = 4 * 1024 * 1024
+#: Every stream starts with this receive window (or the stream window, if smaller) and grows towards the stream
+#: window only while its reader keeps up (spec 3.4, auto-tuning).
+DEFAULT_INITIAL_STREAM_WINDOW: Final = 256 * 1024
 DEFAULT_CONNECTION_WINDOW: Final = 64 * 1024 * 1024
 DEFAULT_MAX_FRAME: Final = 65536
 DEFAULT_MAX_STREAMS: Final = 10000
@@ -67,16 +72,32 @@ DEFAULT_OPEN_TIMEOUT_SECONDS: Final = 15.0
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What this side accepts (announced in HELLO). See spec section 6 for the defaults."""
+    """What this side accepts (announced in HELLO). See spec section 6 for the defaults.
+
+    ``stream_window`` is the largest a stream's receive window grows to; ``initial_stream_window`` (default: 256 KiB,
+    or ``stream_window`` if smaller) is where every stream starts, and what HELLO announces as ``stream_window``.
+    """
 
     stream_window: int = DEFAULT_STREAM_WINDOW
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     max_frame: int = DEFAULT_MAX_FRAME
     max_streams: int = DEFAULT_MAX_STREAMS
+    initial_stream_window: int = 0
+    #: Local policy, not announced: received bytes the session may buffer with their session credit returned at
+    #: once (spec 3.4); -1 means half the session window, 0 returns session credit only on acknowledgement.
+    buffer_budget: int = -1
 
     def __post_init__(self) -> None:
         if not 1 <= self.stream_window <= f.MAX_WINDOW:
             raise ValueError("stream_window out of range")
+        if self.initial_stream_window == 0:
+            object.__setattr__(
+                self, "initial_stream_window", min(DEFAULT_INITIAL_STREAM_WINDOW, self.stream_window)
+            )
+        if not 1 <= self.initial_stream_window <= self.stream_window:
+            raise ValueError("initial_stream_window must be between 1 and stream_window")
+        if self.buffer_budget < 0:
+            object.__setattr__(self, "buffer_budget", self.connection_window >> 1)
         if not self.stream_window <= self.connection_window <= f.MAX_WINDOW:
             raise ValueError("connection_window must be at least stream_window and at most 2**31-1")
         if not f.MIN_MAX_FRAME <= self.max_frame <= f.MAX_MAX_FRAME:
@@ -87,7 +108,7 @@ class Settings:
     def to_json(self) -> dict[str, int]:
         """The ``settings`` object of a HELLO."""
         return {
-            "stream_window": self.stream_window,
+            "stream_window": self.initial_stream_window,
             "connection_window": self.connection_window,
             "max_frame": self.max_frame,
             "max_streams": self.max_streams,
@@ -111,6 +132,9 @@ class Settings:
                 if type(item) is not int:
                     raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"HELLO setting {name} is not an integer")
                 kwargs[name] = item
+        if "stream_window" in kwargs:
+            # The peer announces where its streams start; that is all we need of its stream window.
+            kwargs["initial_stream_window"] = kwargs["stream_window"]
         try:
             return cls(**kwargs)
         except ValueError as e:
@@ -118,18 +142,15 @@ class Settings:
 
 
 class _Stream:
-    """Per-stream bookkeeping. Kept small: an idle stream costs one of these."""
+    """Per-stream bookkeeping: the lifecycle state (:mod:`connproxy.wire.streams`) and the two windows
+    (:mod:`connproxy.wire.windows`). Kept small: an idle stream costs one of these."""
 
-    __slots__ = ("send_window", "recv_window", "pending_credit", "unacked", "local_fin", "remote_fin", "accepted")
+    __slots__ = ("state", "send", "recv")
 
-    def __init__(self, send_window: int, recv_window: int, accepted: bool) -> None:
-        self.send_window = send_window
-        self.recv_window = recv_window
-        self.pending_credit = 0
-        self.unacked = 0
-        self.local_fin = False
-        self.remote_fin = False
-        self.accepted = accepted
+    def __init__(self, state: StreamState, send: SendCredit, recv: StreamReceiveWindow) -> None:
+        self.state = state
+        self.send = send
+        self.recv = recv
 
 
 def _decode_json(payload: bytes, what: str) -> dict[str, Any]:
@@ -200,13 +221,14 @@ class Session:
         self._preface_buffer = b""
         self._hello_sent = False
         self._streams: dict[int, _Stream] = {}
-        self._orphan_unacked: dict[int, int] = {}
         self._next_id = 1 if role is Role.DIALER else 2
         self._highest_peer_id = 0
         self._peer_opened = 0
-        self._conn_send_window = self.peer_settings.connection_window
-        self._conn_recv_window = self.settings.connection_window
-        self._conn_pending_credit = 0
+        self._conn_send = SendCredit(self.peer_settings.connection_window)
+        self._conn_recv = ConnectionReceiveWindow(self.settings.connection_window)
+        self._budget = WindowBudget(self.settings.connection_window)
+        #: Received bytes not yet consumed, over all live streams (the buffered total of spec 3.4).
+        self._unconsumed_total = 0
         self._control: list[bytes] = []
         self._control_bytes = 0
         self._data: list[bytes] = []
@@ -240,9 +262,43 @@ class Session:
     def send_window(self, stream_id: int) -> int:
         """How many DATA bytes :meth:`send_data` would take for ``stream_id`` now (0 for unknown streams)."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_fin or not self._may_send(stream_id, stream):
+        if stream is None or not transition(stream.state, StreamEvent.SEND_DATA).ok:
             return 0
-        return min(stream.send_window, self._conn_send_window)
+        return min(stream.send.credit, self._conn_send.credit)
+
+    def stream_state(self, stream_id: int) -> StreamState:
+        """The stream's lifecycle state: ``IDLE`` for an ID never used, ``CLOSED`` for one that is gone."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            return stream.state
+        return StreamState.CLOSED if self._is_known_id(stream_id) else StreamState.IDLE
+
+    def stream_windows(self, stream_id: int) -> tuple[SendCredit, StreamReceiveWindow] | None:
+        """The send credit and receive window of a live stream (read them; the session changes them)."""
+        stream = self._streams.get(stream_id)
+        return None if stream is None else (stream.send, stream.recv)
+
+    @property
+    def connection_send(self) -> SendCredit:
+        """The session's send credit (read it; the session changes it)."""
+        return self._conn_send
+
+    @property
+    def connection_receive(self) -> ConnectionReceiveWindow:
+        """The session's receive window (read it; the session changes it)."""
+        return self._conn_recv
+
+    def unconsumed(self, stream_id: int | None = None) -> int:
+        """Received DATA bytes the application has not acknowledged yet: of ``stream_id`` (0 once it is gone), or
+        of every live stream."""
+        if stream_id is not None:
+            stream = self._streams.get(stream_id)
+            return stream.recv.unconsumed if stream is not None else 0
+        return self._unconsumed_total
+
+    def session_credit_held(self) -> int:
+        """Received bytes whose session credit is withheld until they are consumed (spec 3.4)."""
+        return sum(s.recv.session_held for s in self._streams.values())
 
     def has_stream(self, stream_id: int) -> bool:
         """True while the stream exists (not reset, not closed in both directions)."""
@@ -333,7 +389,7 @@ class Session:
             raise OpenTooLargeError(f"OPEN payload of {len(payload)} bytes exceeds {limit}")
         stream_id = self._next_id
         self._next_id += 2
-        self._streams[stream_id] = _Stream(self.peer_settings.stream_window, self.settings.stream_window, False)
+        self._streams[stream_id] = self._new_stream(StreamState.OPENING)
         self._queue_control(f.frame(f.FrameType.OPEN, 0, stream_id, payload))
         return stream_id
 
@@ -343,11 +399,9 @@ class Session:
         :raises StreamStateError: for an unknown stream or one already accepted.
         """
         stream = self._streams.get(stream_id)
-        # Only streams the peer opened can be accepted: for one we opened, the ACCEPT would be a protocol error
-        # at the peer (it checks the ID's parity).
-        if stream is None or stream.accepted or stream_id & 1 == self._next_id & 1:
-            raise StreamStateError(f"stream {stream_id} cannot be accepted")
-        stream.accepted = True
+        # Only streams the peer opened (PENDING) can be accepted: for one we opened, the ACCEPT would be a
+        # protocol error at the peer.
+        self._local(stream_id, stream, StreamEvent.SEND_ACCEPT)
         self._queue_control(f.frame(f.FrameType.ACCEPT, 0, stream_id))
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> int:
@@ -359,15 +413,15 @@ class Session:
         :raises StreamStateError: for an unknown stream or one whose sending side is already closed.
         """
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_fin or not self._may_send(stream_id, stream):
+        if stream is None or not transition(stream.state, StreamEvent.SEND_DATA).ok:
             raise StreamStateError(f"stream {stream_id} is not open for sending")
         total = len(data)
-        allowed = min(total, stream.send_window, self._conn_send_window)
+        allowed = min(total, stream.send.credit, self._conn_send.credit)
         max_frame = self.peer_settings.max_frame
         out = self._data
         if allowed:
-            stream.send_window -= allowed
-            self._conn_send_window -= allowed
+            stream.send.take(allowed)
+            self._conn_send.take(allowed)
             # buffered_output counts what take_output() returns: payload plus one header per frame
             # (headers used to be left out, and end_stream()'s FIN frame entirely).
             self._data_bytes += allowed + f.HEADER_SIZE * -(-allowed // max_frame)
@@ -384,7 +438,7 @@ class Session:
                     out.append(_pack_header(_FV, _DATA, fin, stream_id, len(chunk)))
                     out.append(bytes(chunk))
             if end_stream and allowed == total:
-                self._local_fin(stream_id, stream)
+                self._local(stream_id, stream, StreamEvent.SEND_FIN)
         elif end_stream and total == 0:
             self.end_stream(stream_id)
         return allowed
@@ -395,19 +449,31 @@ class Session:
         :raises StreamStateError: for an unknown stream or one already half-closed by us.
         """
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_fin or not self._may_send(stream_id, stream):
+        if stream is None or not transition(stream.state, StreamEvent.SEND_FIN).ok:
             raise StreamStateError(f"stream {stream_id} is not open for sending")
         self._data.append(_pack_header(_FV, _DATA, f.FLAG_FIN, stream_id, 0))
         self._data_bytes += f.HEADER_SIZE  # see send_data
-        self._local_fin(stream_id, stream)
+        self._local(stream_id, stream, StreamEvent.SEND_FIN)
 
-    def _may_send(self, stream_id: int, stream: _Stream) -> bool:
-        """The opener may send at once (early data); the acceptor only after its ACCEPT (spec 3.2)."""
-        return stream.accepted or stream_id & 1 == self._next_id & 1
+    def _new_stream(self, state: StreamState) -> _Stream:
+        settings = self.settings
+        return _Stream(
+            state,
+            SendCredit(self.peer_settings.initial_stream_window),
+            StreamReceiveWindow(settings.initial_stream_window, settings.stream_window, self._budget),
+        )
 
-    def _local_fin(self, stream_id: int, stream: _Stream) -> None:
-        stream.local_fin = True
-        if stream.remote_fin:
+    def _local(self, stream_id: int, stream: _Stream | None, event: StreamEvent) -> None:
+        """Apply a local action to the stream's state (forgetting it once closed).
+
+        :raises StreamStateError: the state does not allow the action (spec 3.3, local actions table).
+        """
+        state = StreamState.CLOSED if stream is None else stream.state
+        outcome = transition(state, event)
+        if outcome.not_allowed or stream is None:
+            raise StreamStateError(f"stream {stream_id}: {event.value} not allowed in state {state.value}")
+        stream.state = outcome.state
+        if outcome.state is StreamState.CLOSED:
             self._forget(stream_id, stream)
 
     def reset_stream(self, stream_id: int, code: ErrorCode, reason: str = "", *, after_data: bool = False) -> None:
@@ -431,57 +497,38 @@ class Session:
     def acknowledge(self, stream_id: int, count: int) -> None:
         """The application has passed on ``count`` received bytes of the stream: return their credit.
 
-        Updates are batched: a WINDOW_UPDATE is queued once half a window of credit is pending. Bytes of streams
-        that are gone still return session credit.
+        Stream updates are batched: a WINDOW_UPDATE is queued once half the stream's window is pending (and the
+        window may grow, see :class:`~connproxy.wire.windows.StreamReceiveWindow`). Session credit these bytes
+        still held goes back too. Acknowledgements for streams that are gone are ignored: their session credit went
+        back when they ended.
         """
         if count <= 0:
             return
         stream = self._streams.get(stream_id)
-        if stream is not None:
-            # Credit at most what was received and not yet acknowledged: an over-acknowledgement (a glue bug, or
-            # one ack both per chunk and per stream) would hand the peer credit beyond our windows, breaking the
-            # memory bound and, repeated, overflowing the peer's window (FLOW_CONTROL_ERROR).
-            count = min(count, stream.unacked)
-            if count <= 0:
-                return
-            stream.unacked -= count
-            if not stream.remote_fin:
-                stream.pending_credit += count
-                if stream.pending_credit >= self.settings.stream_window >> 1:
-                    stream.recv_window += stream.pending_credit
-                    self._queue_control(
-                        f.frame(f.FrameType.WINDOW_UPDATE, 0, stream_id, f.U32.pack(stream.pending_credit))
-                    )
-                    stream.pending_credit = 0
-        elif stream_id in self._orphan_unacked:
-            outstanding = self._orphan_unacked[stream_id]
-            count = min(count, outstanding)  # as above: session credit for these bytes is returned exactly once
-            left = outstanding - count
-            if left > 0:
-                self._orphan_unacked[stream_id] = left
-            else:
-                del self._orphan_unacked[stream_id]
-        else:
+        if stream is None:
             return
-        self._credit_connection(count)
+        # Credit at most what was received and not yet acknowledged: an over-acknowledgement (a glue bug, or one
+        # ack both per chunk and per stream) would hand the peer credit beyond our windows, breaking the memory
+        # bound and, repeated, overflowing the peer's window (FLOW_CONTROL_ERROR).
+        count = stream.recv.consume(count)
+        if count <= 0:
+            return
+        self._unconsumed_total -= count
+        if stream.state not in REMOTE_CLOSED:
+            increment = stream.recv.take_update()
+            if increment:
+                self._queue_control(f.frame(f.FrameType.WINDOW_UPDATE, 0, stream_id, f.U32.pack(increment)))
+        released = stream.recv.release_session_credit(count)
+        if released:
+            self._credit_connection(released)
 
     def _credit_connection(self, count: int) -> None:
-        self._conn_pending_credit += count
-        # Batch at a quarter of the session window, but also flush as soon as the peer has less session credit
-        # left than we hold back. Otherwise streams whose readers are stalled, holding most of the session window,
-        # keep the pending credit below the threshold for good and every other stream starves: head-of-line
-        # blocking whenever connection_window < 4/3 * stream_window, although spec 3.4 promises the others
-        # keep flowing as long as the session window exceeds the stream window.
-        # (The "0 <" guard: stale empty DATA credits 0 bytes, and an increment of 0 is a FLOW_CONTROL_ERROR.)
-        if 0 < self._conn_pending_credit and (
-            self._conn_pending_credit >= self.settings.connection_window >> 2
-            or self._conn_pending_credit >= self._conn_recv_window
-        ):
-            self._conn_recv_window += self._conn_pending_credit
-            self._queue_control(
-                f.frame(f.FrameType.WINDOW_UPDATE, 0, 0, f.U32.pack(self._conn_pending_credit))
-            )
-            self._conn_pending_credit = 0
+        # Batched (see ConnectionReceiveWindow.take_update), but never withheld from a peer that has less session
+        # credit left than we hold back: else stalled streams holding most of the window starve the others.
+        self._conn_recv.credit(count)
+        increment = self._conn_recv.take_update()
+        if increment:
+            self._queue_control(f.frame(f.FrameType.WINDOW_UPDATE, 0, 0, f.U32.pack(increment)))
 
     def ping(self, payload: bytes) -> None:
         """Queue a PING with an 8-byte payload; the echo arrives as :class:`PingAcknowledged`."""
@@ -501,10 +548,18 @@ class Session:
 
     def _forget(self, stream_id: int, stream: _Stream) -> None:
         del self._streams[stream_id]
+        stream.state = StreamState.CLOSED
+        recv = stream.recv
+        recv.release()
         if stream_id & 1 != self._next_id & 1:
             self._peer_opened -= 1
-        if stream.unacked > 0:
-            self._orphan_unacked[stream_id] = stream.unacked
+        # What the stream still buffers is the application's to drop or flush, bounded by the stream's window: its
+        # session credit goes back now, exactly once (later acknowledgements of the stream are ignored).
+        self._unconsumed_total -= recv.unconsumed
+        held = recv.session_held
+        recv.session_held = 0
+        if held:
+            self._credit_connection(held)
 
     def stream_ids(self) -> list[int]:
         """The IDs of all open streams."""
@@ -578,47 +633,60 @@ class Session:
             return stream_id < self._next_id
         return stream_id <= self._highest_peer_id
 
+    def _lookup(self, raw: f.RawFrame, event: StreamEvent) -> tuple[_Stream | None, Outcome]:
+        """The stream a received frame is for and what the transition table says about it.
+
+        :raises ProtocolError: the table's session error (a frame for a never-used ID, a misplaced ACCEPT).
+        """
+        self._require_stream_frame(raw)
+        stream = self._streams.get(raw.stream_id)
+        if stream is not None:
+            state = stream.state
+        else:
+            state = StreamState.CLOSED if self._is_known_id(raw.stream_id) else StreamState.IDLE
+        outcome = transition(state, event)
+        if outcome.session_error is not None:
+            raise ProtocolError(
+                outcome.session_error, f"{event.value} on stream {raw.stream_id} in state {state.value}"
+            )
+        return stream, outcome
+
     def _on_data(self, raw: f.RawFrame, events: list[Event]) -> None:
         if self.peer_hello is None:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA before HELLO")
-        self._require_stream_frame(raw)
+        fin = bool(raw.flags & f.FLAG_FIN)
+        stream, outcome = self._lookup(raw, StreamEvent.RECV_DATA_FIN if fin else StreamEvent.RECV_DATA)
         length = len(raw.payload)
-        if length > self._conn_recv_window:
-            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "session receive window exceeded")
-        self._conn_recv_window -= length
-        if self._conn_pending_credit:
-            # The peer's session credit just shrank: release batched credit it may now need (see
-            # _credit_connection), else it can stay withheld while stalled streams hold the rest of the window.
+        self._conn_recv.receive(length)
+        if self._conn_recv.pending:
+            # The peer's session credit just shrank: release batched credit it may now need.
             self._credit_connection(0)
         stream_id = raw.stream_id
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            if not self._is_known_id(stream_id):
-                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"DATA on stream {stream_id} never opened")
+        if stream is None or outcome.ignored:
             self._credit_connection(length)  # stale frame of a closed stream
             return
-        if not stream.accepted and stream_id & 1 == self._next_id & 1:
-            # Spec 3.2: the acceptor must not send DATA before its ACCEPT.
+        if outcome.stream_error is not None:
             self._credit_connection(length)
-            self.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR, "DATA before ACCEPT")
-            events.append(StreamReset(stream_id, ErrorCode.PROTOCOL_ERROR, "DATA before ACCEPT", remote=False))
+            reason = "DATA after FIN" if outcome.stream_error is ErrorCode.STREAM_CLOSED else "DATA before ACCEPT"
+            self.reset_stream(stream_id, outcome.stream_error, reason)
+            events.append(StreamReset(stream_id, outcome.stream_error, reason, remote=False))
             return
-        if stream.remote_fin:
-            self._credit_connection(length)
-            self.reset_stream(stream_id, ErrorCode.STREAM_CLOSED, "DATA after FIN")
-            events.append(StreamReset(stream_id, ErrorCode.STREAM_CLOSED, "DATA after FIN", remote=False))
-            return
-        if length > stream.recv_window:
-            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id} receive window exceeded")
+        stream.recv.receive(length, stream_id)
         if length:
-            stream.recv_window -= length
-            stream.unacked += length
+            self._unconsumed_total += length
+            # Spec 3.4: session credit goes back on receipt while the tunnel buffers at most half the session
+            # window, so a stalled stream holds its own window but no session credit; beyond that, only once the
+            # bytes are consumed (the session window then bounds memory again).
+            if self._unconsumed_total <= self.settings.buffer_budget:
+                self._credit_connection(length)
+            else:
+                stream.recv.session_held += length
             events.append(DataReceived(stream_id, raw.payload))
-        if raw.flags & f.FLAG_FIN:
-            stream.remote_fin = True
+        if fin:
             events.append(StreamEnded(stream_id))
-            if stream.local_fin:
-                self._forget(stream_id, stream)
+        stream.state = outcome.state
+        if outcome.state is StreamState.CLOSED:
+            self._forget(stream_id, stream)
 
     def _on_window_update(self, raw: f.RawFrame, events: list[Event]) -> None:
         if len(raw.payload) != 4:
@@ -628,19 +696,13 @@ class Session:
             raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "WINDOW_UPDATE increment out of range")
         stream_id = raw.stream_id
         if stream_id == 0:
-            self._conn_send_window += increment
-            if self._conn_send_window > f.MAX_WINDOW:
-                raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "session send window overflow")
+            self._conn_send.grant(increment, "session")
             events.append(WindowUpdated(0))
             return
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            if not self._is_known_id(stream_id):
-                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"WINDOW_UPDATE on stream {stream_id} never opened")
+        stream, outcome = self._lookup(raw, StreamEvent.RECV_WINDOW_UPDATE)
+        if stream is None or outcome.ignored:
             return
-        stream.send_window += increment
-        if stream.send_window > f.MAX_WINDOW:
-            raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, f"stream {stream_id} send window overflow")
+        stream.send.grant(increment, f"stream {stream_id}")
         events.append(WindowUpdated(stream_id))
 
     def _on_open(self, raw: f.RawFrame, events: list[Event]) -> None:
@@ -664,22 +726,15 @@ class Session:
                 )
             )
             return
-        self._streams[stream_id] = _Stream(self.peer_settings.stream_window, self.settings.stream_window, False)
+        self._streams[stream_id] = self._new_stream(StreamState.PENDING)
         self._peer_opened += 1
         events.append(StreamOpened(stream_id, request))
 
     def _on_accept(self, raw: f.RawFrame, events: list[Event]) -> None:
-        self._require_stream_frame(raw)
-        stream = self._streams.get(raw.stream_id)
-        if stream is None:
-            if not self._is_known_id(raw.stream_id):
-                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"ACCEPT on stream {raw.stream_id} never opened")
+        stream, outcome = self._lookup(raw, StreamEvent.RECV_ACCEPT)
+        if stream is None or outcome.ignored:
             return
-        if raw.stream_id & 1 != self._next_id & 1:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"ACCEPT on stream {raw.stream_id} opened by the peer")
-        if stream.accepted:
-            raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"ACCEPT on stream {raw.stream_id} already accepted")
-        stream.accepted = True
+        stream.state = outcome.state
         events.append(StreamAccepted(raw.stream_id))
 
     def _on_reset(self, raw: f.RawFrame, events: list[Event]) -> None:
@@ -687,10 +742,8 @@ class Session:
         if len(raw.payload) < 4:
             raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "RESET payload shorter than 4 bytes")
         (code,) = f.U32.unpack_from(raw.payload)
-        stream = self._streams.get(raw.stream_id)
-        if stream is None:
-            if not self._is_known_id(raw.stream_id):
-                raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"RESET on stream {raw.stream_id} never opened")
+        stream, outcome = self._lookup(raw, StreamEvent.RECV_RESET)
+        if stream is None or outcome.ignored:
             return
         self._forget(raw.stream_id, stream)
         events.append(StreamReset(raw.stream_id, ErrorCode.from_wire(code), f.decode_reason(raw.payload[4:])))
@@ -751,5 +804,5 @@ class Session:
         self.version = version
         self.peer_hello = hello
         self.peer_settings = peer
-        self._conn_send_window = peer.connection_window
+        self._conn_send = SendCredit(peer.connection_window)
         events.append(HelloReceived(hello, version))

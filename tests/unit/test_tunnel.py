@@ -607,6 +607,134 @@ class FlowControlTests(SynchronousTestCase):
         self.assertEqual(backend.received, b"early" + b"x" * 65536)
 
 
+def stall_timers(pair: TunnelPair) -> list[Any]:
+    return [c for c in pair.clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "_stall_expired"]
+
+
+class StallTests(SynchronousTestCase):
+    """Spec 3.4.2: a stream that waits without progress for the stall timeout is reset STREAM_STALLED and the
+    connections it relays to are aborted; progress restarts the wait."""
+
+    def stalled_upload(self) -> tuple[TunnelPair, RelayedStream]:
+        pair = TunnelPair()
+        # The proxy's timer fires first (the connector's would reset the stream from its side just the same).
+        pair.dialer.timers = TunnelTimers(stall_timeout=2 * TIMERS.stall_timeout)
+        s = pair.relayed_stream()
+        s.backend_t.producer.pauseProducing()  # the backend does not read
+        s.client.dataReceived(b"x" * (SMALL.stream_window + 5000))  # more than a window: the rest waits
+        pair.flush()
+        self.assertTrue(s.dialer_stream.stalled and s.proxy_stream.stalled)
+        return pair, s
+
+    def test_a_stalled_stream_is_reset_and_its_connections_aborted(self) -> None:
+        pair, s = self.stalled_upload()
+        pair.advance(TIMERS.stall_timeout - 1)
+        self.assertFalse(s.proxy_stream.closed)
+        pair.advance(1)
+        self.assertTrue(s.proxy_stream.closed and s.dialer_stream.closed)
+        self.assertTrue(s.client_t.aborted and s.backend_t.aborted)  # cut short: aborted, not closed cleanly
+        codes = {r.code for r in pair.dialer.resets}
+        self.assertEqual(codes, {ErrorCode.STREAM_STALLED})
+        self.assertEqual(pair.proxy.streams, {})
+        self.assertEqual(pair.dialer.streams, {})
+        self.assertFalse(pair.proxy.lost)  # the tunnel lives on
+        self.assertEqual(stall_timers(pair), [])
+
+    def test_progress_restarts_the_wait(self) -> None:
+        pair, s = self.stalled_upload()
+        pair.advance(TIMERS.stall_timeout - 1)
+        s.backend_t.producer.resumeProducing()  # the backend reads a little
+        pair.flush()
+        s.backend_t.producer.pauseProducing()
+        s.client.dataReceived(b"y" * (2 * SMALL.stream_window))
+        pair.flush()
+        pair.advance(TIMERS.stall_timeout - 1)
+        self.assertFalse(s.proxy_stream.closed)
+        self.assertEqual(pair.dialer.resets, [])
+        pair.advance(1)
+        self.assertTrue(s.proxy_stream.closed)
+
+    def test_a_reader_that_keeps_up_is_never_stalled(self) -> None:
+        pair = TunnelPair()
+        s = pair.relayed_stream()
+        for _ in range(5):
+            s.client.dataReceived(b"z" * SMALL.stream_window)
+            pair.advance(TIMERS.stall_timeout / 2)
+        self.assertFalse(s.proxy_stream.closed)
+        self.assertEqual(len(s.backend_t.value()), 5 * SMALL.stream_window)
+        self.assertEqual(stall_timers(pair), [])
+
+
+class BrokenProtocol(Protocol):
+    def connectionMade(self) -> None:
+        raise RuntimeError("injected in connectionMade")
+
+
+class StreamFaultTests(SynchronousTestCase):
+    """An exception while handling one stream resets it INTERNAL_ERROR; the tunnel and other streams go on."""
+
+    def test_factory_failing_at_accept_fails_the_open_and_resets_the_stream(self) -> None:
+        pair = TunnelPair()
+
+        class BrokenFactory(Factory):
+            def buildProtocol(self, addr: Any) -> Protocol:
+                raise RuntimeError("injected in buildProtocol")
+
+        d = pair.proxy.open_stream(TARGET, BrokenFactory())
+        pair.flush()
+        stream = pair.dialer.opened[0]
+        pair.dialer.accept(stream, Recorder())
+        pair.flush()
+        failure = self.failureResultOf(d, StreamRefusedError)
+        self.assertEqual(failure.value.code, ErrorCode.INTERNAL_ERROR)
+        self.assertEqual([r.code for r in pair.dialer.resets], [ErrorCode.INTERNAL_ERROR])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(pair.proxy.streams, {})
+        self.assertEqual(pair.dialer.streams, {})
+        self.assert_still_works(pair)
+
+    def test_protocol_failing_when_accepted_resets_the_stream(self) -> None:
+        pair = TunnelPair()
+        d = pair.proxy.open_stream(TARGET, Factory.forProtocol(Recorder))
+        pair.flush()
+        stream = pair.dialer.opened[0]
+        pair.dialer.accept(stream, BrokenProtocol())
+        pair.flush()
+        # The ACCEPT was out before the protocol failed: the opener's stream is then reset.
+        proto = self.successResultOf(d)
+        assert proto.lost is not None
+        self.assertEqual(proto.lost.value.code, ErrorCode.INTERNAL_ERROR)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(pair.dialer.streams, {})
+        self.assert_still_works(pair)
+
+    def test_receiving_protocol_failing_resets_only_its_stream(self) -> None:
+        pair = TunnelPair()
+        good = pair.relayed_stream()
+        bad = pair.relayed_stream()
+
+        def broken(data: bytes) -> None:
+            raise ValueError("injected in dataReceived")
+
+        bad.proxy_relay.dataReceived = broken  # type: ignore[method-assign]
+        bad.far.dataReceived(b"to the client")
+        good.far.dataReceived(b"fine")
+        pair.flush()
+        self.assertTrue(bad.proxy_stream.closed and bad.dialer_stream.closed)
+        self.assertTrue(bad.backend_t.aborted)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(good.client_t.value(), b"fine")
+        self.assertFalse(good.proxy_stream.closed)
+        self.assertFalse(pair.proxy.lost)
+
+    def assert_still_works(self, pair: TunnelPair) -> None:
+        s = pair.relayed_stream()
+        s.client.dataReceived(b"ping")
+        pair.flush()
+        self.assertEqual(s.backend_t.value(), b"ping")
+        self.assertFalse(pair.proxy.lost)
+
+
 class HalfCloseTests(SynchronousTestCase):
     def test_fin_each_way_through_the_glue(self) -> None:
         pair = TunnelPair()

@@ -50,6 +50,7 @@ from .wire_helpers import (
     check_conservation,
     check_windows,
     chunks,
+    conn_pending,
     conn_recv_window,
     conn_send_window,
     data_frame,
@@ -124,8 +125,8 @@ def test_handshake_exchanges_hellos_and_settings() -> None:
     assert at_dialer.hello["settings"] == SMALL.to_json()
 
     assert pair.dialer.version == pair.listener.version == 1
-    assert pair.dialer.peer_settings == SMALL
-    assert pair.listener.peer_settings == dialer_settings
+    assert pair.dialer.peer_settings.to_json() == SMALL.to_json()
+    assert pair.listener.peer_settings.to_json() == dialer_settings.to_json()
     assert pair.dialer.peer_hello == at_dialer.hello and pair.listener.peer_hello == at_listener.hello
     # The send windows start at what the peer announced.
     assert conn_send_window(pair.dialer) == SMALL.connection_window
@@ -391,8 +392,19 @@ def test_settings_defaults_match_spec_section_6() -> None:
     ],
 )
 def test_settings_from_json(value: Any, expected: Settings) -> None:
-    assert Settings.from_json(value) == expected
-    assert Settings.from_json(expected.to_json()) == expected
+    """What a peer announced (its streams' initial window as ``stream_window``) survives the round trip."""
+    parsed = Settings.from_json(value)
+    assert parsed.to_json() == expected.to_json()
+    assert parsed.initial_stream_window == expected.initial_stream_window
+    assert Settings.from_json(expected.to_json()).to_json() == expected.to_json()
+
+
+def test_hello_announces_the_initial_stream_window() -> None:
+    """Spec 3.4: streams start at 256 KiB (or the stream window, if smaller) and grow towards the stream window."""
+    assert Settings().to_json()["stream_window"] == 256 * 1024
+    assert Settings(stream_window=65536).to_json()["stream_window"] == 65536
+    peer = Settings.from_json({"stream_window": 1 << 20})
+    assert peer.initial_stream_window == 1 << 20
 
 
 BAD_SETTINGS = [
@@ -572,7 +584,7 @@ def test_bad_open_resets_that_stream_and_the_session_survives(payload: bytes) ->
     assert not listener.has_stream(1)
     # The early data of the refused stream was discarded and its session credit returned at once.
     assert held(listener) == 0
-    assert conn_recv_window(listener) + listener._conn_pending_credit == SMALL.connection_window
+    assert conn_recv_window(listener) + conn_pending(listener) == SMALL.connection_window
     # The ID is used up; the session goes on.
     assert protocol_error(ready_listener(), open_frame(1, payload=payload) + open_frame(1)) is (
         ErrorCode.PROTOCOL_ERROR
@@ -747,18 +759,15 @@ def test_early_data_of_a_refused_stream_returns_session_credit_once_acknowledged
     pair.dialer.send_data(stream_id, b"e" * SMALL.stream_window)
     pair.shuttle()
     pair.listener.reset_stream(stream_id, ErrorCode.ACCESS_DENIED, "no rule")
-    dialer_events, _ = pair.shuttle()
-    assert dialer_events == [StreamReset(stream_id, ErrorCode.ACCESS_DENIED, "no rule")]
-    assert held(pair.listener) == SMALL.stream_window
-    # The glue discards the held data and acknowledges it (connection.py does this for unknown streams).
-    pair.listener.acknowledge(stream_id, SMALL.stream_window)
-    assert held(pair.listener) == 0
     frames = output_frames(pair.listener)
-    assert summary(frames) == [("WINDOW_UPDATE", 0)]  # session credit only: the stream is gone
-    assert increment(frames[0]) == SMALL.stream_window
-    pair.dialer.receive_data(frame_bytes(frames[0]))
+    # The refused stream's held data is dropped: its session credit goes back with the RESET, exactly once.
+    assert summary(frames) == [("RESET", stream_id), ("WINDOW_UPDATE", 0)]
+    assert increment(frames[1]) == SMALL.stream_window
+    assert held(pair.listener) == 0
+    dialer_events = pair.dialer.receive_data(b"".join(frame_bytes(fr) for fr in frames))
+    assert dialer_events == [StreamReset(stream_id, ErrorCode.ACCESS_DENIED, "no rule"), WindowUpdated(0)]
     assert conn_send_window(pair.dialer) == SMALL.connection_window
-    pair.listener.acknowledge(stream_id, SMALL.stream_window)  # again: nothing more
+    pair.listener.acknowledge(stream_id, SMALL.stream_window)  # the glue's late acknowledgement: nothing more
     assert pair.listener.take_output() == []
 
 
@@ -808,11 +817,11 @@ def test_data_after_fin_resets_the_stream_with_stream_closed() -> None:
     (reset,) = output_frames(listener)
     assert (reset.frame_type, reset.stream_id, reset_code(reset)) == (T.RESET, 1, ErrorCode.STREAM_CLOSED)
     assert not listener.has_stream(1)
-    # The offending bytes were never delivered, so their credit comes back without an acknowledgement.
-    assert held(listener) == 4
-    listener.acknowledge(1, 4)
+    # The offending bytes were never delivered, and the stream's delivered bytes are the application's to drop:
+    # all their session credit comes back with the reset, without an acknowledgement.
     assert held(listener) == 0
-    assert conn_recv_window(listener) + listener._conn_pending_credit == SMALL.connection_window
+    listener.acknowledge(1, 4)
+    assert conn_recv_window(listener) + conn_pending(listener) == SMALL.connection_window
     # The session survives.
     assert listener.receive_data(open_frame(3)) == [StreamOpened(3, OpenRequest("erp.internal", 443))]
 
@@ -836,8 +845,9 @@ def test_reset_received() -> None:
         + data_frame(stream_id, b"", fin=True)
     )
     assert pair.dialer.receive_data(late) == []
-    assert held(pair.dialer) == 1000
-    assert conn_recv_window(pair.dialer) + pair.dialer._conn_pending_credit == SMALL.connection_window - 1000
+    # The reset stream's 1000 undelivered bytes and the late 5000 all returned their session credit.
+    assert held(pair.dialer) == 0
+    assert conn_recv_window(pair.dialer) + conn_pending(pair.dialer) == SMALL.connection_window
 
 
 def test_reset_details() -> None:
@@ -921,7 +931,7 @@ def test_unknown_frame_types_and_flags_are_ignored() -> None:
 
 # =========================================================================================== flow control
 
-TIGHT = Settings(stream_window=32768, connection_window=49152, max_frame=16384)
+TIGHT = Settings(stream_window=32768, connection_window=49152, max_frame=16384, buffer_budget=0)
 
 
 def data_frames(frames: list[f.RawFrame]) -> list[f.RawFrame]:
@@ -1036,27 +1046,27 @@ def test_exceeding_the_session_window_is_a_flow_control_error() -> None:
 
 def test_stale_data_counts_against_the_session_window() -> None:
     listener = ready_listener(TIGHT)
-    listener.receive_data(open_frame(1) + open_frame(3))
-    listener.receive_data(data_frame(1, b"a" * 16384) * 2)
-    listener.reset_stream(1, ErrorCode.CANCEL)
-    # Stream 1's bytes are held by the application until acknowledged: 16384 left for everyone.
-    listener.receive_data(data_frame(1, b"stale" * 1000))
-    assert protocol_error(listener, data_frame(3, b"x" * 16384)) is ErrorCode.FLOW_CONTROL_ERROR
+    listener.receive_data(open_frame(1) + open_frame(3) + open_frame(5))
+    listener.reset_stream(5, ErrorCode.CANCEL)
+    listener.receive_data(data_frame(1, b"a" * 16384) * 2 + data_frame(3, b"b" * 16384))
+    assert conn_recv_window(listener) == 0
+    # Stale DATA for the reset stream 5 still counts against the (used up) session window.
+    assert protocol_error(listener, data_frame(5, b"stale")) is ErrorCode.FLOW_CONTROL_ERROR
 
 
 def test_stale_empty_data_with_the_session_window_used_up_sends_no_zero_update() -> None:
     listener = ready_listener(TIGHT)
-    listener.receive_data(open_frame(1) + open_frame(3))
+    listener.receive_data(open_frame(1) + open_frame(3) + open_frame(5))
+    listener.reset_stream(5, ErrorCode.CANCEL)
     listener.receive_data(data_frame(1, b"a" * 16384) * 2 + data_frame(3, b"b" * 16384))
     assert conn_recv_window(listener) == 0
-    listener.reset_stream(3, ErrorCode.CANCEL)
     listener.take_output()
-    assert listener.receive_data(data_frame(3, b"", fin=True)) == []
+    assert listener.receive_data(data_frame(5, b"", fin=True)) == []
     assert listener.take_output() == []  # an increment of 0 would be a FLOW_CONTROL_ERROR at the peer
     # Acknowledging now returns credit at once: the peer has none left.
     listener.acknowledge(3, 1000)
-    (update,) = output_frames(listener)
-    assert (update.stream_id, increment(update)) == (0, 1000)
+    updates = [fr for fr in output_frames(listener) if fr.stream_id == 0]
+    assert [increment(u) for u in updates] == [1000]
 
 
 @pytest.mark.parametrize("stream_id", [0, 1], ids=["session", "stream"])
@@ -1092,7 +1102,7 @@ def test_window_update_payload_must_be_4_bytes(payload: bytes) -> None:
 )
 def test_stalled_stream_does_not_block_the_others(extra: int) -> None:
     """Spec 3.4: a stalled stream holds at most its own window of session credit; the others keep flowing."""
-    receiver = Settings(stream_window=32768, connection_window=32768 + extra, max_frame=16384)
+    receiver = Settings(stream_window=32768, connection_window=32768 + extra, max_frame=16384, buffer_budget=0)
     pair = ready_pair(listener_settings=receiver)
     stalled, busy = pair.open(), pair.open()
     assert pair.dialer.send_data(stalled, b"s" * 100000) == 32768  # its reader never acknowledges
@@ -1119,7 +1129,7 @@ def test_stalled_stream_does_not_block_the_others(extra: int) -> None:
 def test_batched_credit_is_released_when_a_stalled_stream_takes_the_rest() -> None:
     """The busy stream's credit sits in the batch; then a stalled stream uses up the session window. The batch must
     go out then, or the busy stream (and every other) waits forever."""
-    receiver = Settings(stream_window=32768, connection_window=32768 + 4096, max_frame=16384)
+    receiver = Settings(stream_window=32768, connection_window=32768 + 4096, max_frame=16384, buffer_budget=0)
     pair = ready_pair(listener_settings=receiver)
     stalled, busy = pair.open(), pair.open()
     assert pair.dialer.send_data(busy, b"b" * 4096) == 4096
@@ -1140,13 +1150,15 @@ def test_session_window_returns_exactly_once_for_reset_and_closed_streams() -> N
         pair.dialer.send_data(stream_id, b"d" * 10000, end_stream=stream_id == closed)
     pair.listener.end_stream(closed)
     pair.shuttle()
-    assert held(pair.listener) == 40000
+    # The closed stream (both FINs) is gone: its session credit went back when it ended.
+    assert held(pair.listener) == 30000
     pair.dialer.reset_stream(reset_by_peer, ErrorCode.CANCEL)
     pair.shuttle()
     pair.listener.reset_stream(reset_locally, ErrorCode.BACKEND_RESET)
     pair.shuttle()
     assert not pair.listener.has_stream(closed) and not pair.listener.has_stream(reset_by_peer)
-    assert held(pair.listener) == 40000
+    # Reset streams returned their session credit when they ended; only the live one still holds its bytes.
+    assert held(pair.listener) == 10000
     for stream_id in (live, reset_by_peer, reset_locally, closed):
         # In pieces, and then more than was received: the surplus is ignored.
         pair.listener.acknowledge(stream_id, 3000)
@@ -1157,12 +1169,11 @@ def test_session_window_returns_exactly_once_for_reset_and_closed_streams() -> N
     pair.listener.acknowledge(live, 0)
     pair.listener.acknowledge(live, -5)
     assert held(pair.listener) == 0
-    assert pair.listener._orphan_unacked == {}
     pair.shuttle()
     check_conservation(pair.dialer, pair.listener)
     # All credit is back with the sender, except what the receiver still batches.
-    assert conn_send_window(pair.dialer) + pair.listener._conn_pending_credit == SMALL.connection_window
-    assert pair.listener._conn_pending_credit < SMALL.connection_window // 4
+    assert conn_send_window(pair.dialer) + conn_pending(pair.listener) == SMALL.connection_window
+    assert conn_pending(pair.listener) < SMALL.connection_window // 4
 
 
 def test_over_acknowledging_a_live_stream_gives_no_extra_credit() -> None:
@@ -1499,6 +1510,8 @@ class TunnelMachine(RuleBasedStateMachine):
         split=st.sampled_from([None, "bytes"]),
         opened=st.tuples(st.integers(0, 3), st.integers(0, 2)),
         initial_bytes=st.integers(0, 150000),
+        initial_divisor=st.sampled_from([1, 4]),
+        budget=st.sampled_from([-1, 0]),
     )
     def handshake(
         self,
@@ -1508,9 +1521,15 @@ class TunnelMachine(RuleBasedStateMachine):
         split: Split,
         opened: tuple[int, int],
         initial_bytes: int,
+        initial_divisor: int,
+        budget: int,
     ) -> None:
-        d = Settings(stream_window=stream_window, connection_window=stream_window + extra, max_streams=max_streams)
-        lst = Settings(stream_window=stream_window + 7, connection_window=2 * stream_window + extra, max_frame=16384)
+        # initial_divisor 4: streams start at a quarter of the stream window and auto-tune; budget 0: session
+        # credit only on acknowledgement, -1: eagerly within half the session window (the default).
+        d = Settings(stream_window=stream_window, connection_window=stream_window + extra, max_streams=max_streams,
+                     initial_stream_window=stream_window // initial_divisor, buffer_budget=budget)
+        lst = Settings(stream_window=stream_window + 7, connection_window=2 * stream_window + extra, max_frame=16384,
+                       initial_stream_window=(stream_window + 7) // initial_divisor, buffer_budget=budget)
         self.pair = SessionPair(d, lst)
         self.pair.handshake(split=split)
         # Start with a few accepted streams each way, so that most runs move data from the first step.
@@ -1744,9 +1763,9 @@ class TunnelMachine(RuleBasedStateMachine):
                 incoming = model.dirs[peer]
                 outstanding = incoming.received - incoming.acked
                 if session.has_stream(stream_id):
-                    assert session._streams[stream_id].unacked == outstanding
+                    assert session.unconsumed(stream_id) == outstanding
                 else:
-                    assert session._orphan_unacked.get(stream_id, 0) == outstanding
+                    assert session.unconsumed(stream_id) == 0  # its session credit went back when it ended
 
     @invariant()
     def credit_is_conserved_when_quiet(self) -> None:
@@ -1761,10 +1780,12 @@ class TunnelMachine(RuleBasedStateMachine):
                 direction = model.dirs[sender]
                 if direction.fin_sent:
                     continue
-                out = self.s(sender)._streams[stream_id]
-                into = self.s(receiver)._streams[stream_id]
-                assert out.send_window == into.recv_window
-                assert out.send_window + into.unacked + into.pending_credit == self.s(receiver).settings.stream_window
+                out = self.s(sender).stream_windows(stream_id)
+                into = self.s(receiver).stream_windows(stream_id)
+                assert out is not None and into is not None
+                send, recv = out[0], into[1]
+                assert send.credit == recv.available
+                assert send.credit + recv.unconsumed + recv.pending == recv.limit
 
     def teardown(self) -> None:
         # Drain: acknowledge everything, move everything, until nothing changes.
@@ -1783,7 +1804,7 @@ class TunnelMachine(RuleBasedStateMachine):
                 break
         for side in "dl":
             session = self.s(side)
-            assert held(session) == 0 and session._orphan_unacked == {}
+            assert held(session) == 0
         check_conservation(self.pair.dialer, self.pair.listener)
         check_conservation(self.pair.listener, self.pair.dialer)
         moved = sum(d.received for m in self.streams.values() for d in m.dirs.values())
