@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 __all__ = [
     "AUDIT_NAMESPACE",
@@ -67,6 +67,7 @@ _MAX_PATH_CHARS: Final = 2048
 AuditWriter = Callable[[str], None]
 
 _audit_log = Logger(namespace=AUDIT_NAMESPACE)
+_AUDIT_FORMAT: Final = "audit {audit_action}: {audit_message}"
 #: ``json.dumps(..., ensure_ascii=True, separators=(",", ":"))`` without building an encoder per event.
 encode_json: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
@@ -164,13 +165,19 @@ def emit_event(
     :param clock: seconds since the epoch; default :func:`time.time`.
     :raises Exception: whatever a custom ``writer`` raises (emitting a log event does not raise).
     """
-    event = build_event(now=(clock or time.time)(), **fields)
+    now = (clock or time.time)()
+    event = build_event(now=now, **fields)
     if writer is not None:
         writer(AUDIT_PREFIX + encode_json(event))
         return
     data = event["data"]
-    _audit_log.info("audit {audit_action}: {audit_message}", audit=event, audit_action=data["action"],
-                    audit_message=data["message"])
+    # What ``_audit_log.info(...)`` emits, built here: twisted's ``Logger.emit`` checks the level against every
+    # ``LogLevel`` constant on each call, a third of an audit event's cost on the connector's per-stream path.
+    _audit_log.observer({
+        "audit": event, "audit_action": data["action"], "audit_message": data["message"],
+        "log_logger": _audit_log, "log_level": LogLevel.info, "log_namespace": AUDIT_NAMESPACE,
+        "log_source": None, "log_format": _AUDIT_FORMAT, "log_time": now if clock is None else time.time(),
+    })
 
 
 def tunnel_handshake(
