@@ -48,11 +48,10 @@ from connproxy.config import AccessRule, ConnectorConfig, Resource
 from connproxy.connector import acl
 from connproxy.connector.access import Decision, describe_mapping
 from connproxy.connector.backend import OneShotFactory, backend_failed, reset_code_for, track_backend_connect
-from connproxy.http.h11relay import H11Relay, send_event
+from connproxy.http.h11relay import H11Relay, header_pairs, send_event
 from connproxy.http.headers import (
     forwarded_request_headers,
     forwarded_response_headers,
-    header_list,
     header_values,
     upgrade_of,
 )
@@ -117,7 +116,8 @@ class HttpBackend(H11Relay):
         self.server: HttpStreamServer | None = None
         self.pool: BackendPool | None = None
         self.uses = 0
-        self.idle_timer: IDelayedCall | None = None
+        #: When it went idle into the pool (the pool's clock).
+        self.idle_since = 0.0
 
     def connectionMade(self) -> None:
         """TCP_NODELAY on the backend socket; plain TCP is ready now, TLS waits for the handshake."""
@@ -223,6 +223,9 @@ class BackendPool:
         self.idle_timeout = idle_timeout
         self._idle: dict[BackendKey, list[HttpBackend]] = {}
         self._count = 0
+        #: One delayed call expires idle connections for the whole pool (none is created or cancelled per
+        #: request); it runs when the oldest idle connection is due and re-arms for the next one.
+        self._sweep: IDelayedCall | None = None
 
     @property
     def idle_count(self) -> int:
@@ -235,7 +238,6 @@ class BackendPool:
         while idle:
             backend = idle.pop()
             self._count -= 1
-            self._stop_timer(backend)
             backend.pool = None
             if backend.alive:
                 if not idle:
@@ -256,7 +258,9 @@ class BackendPool:
         idle.append(backend)
         self._count += 1
         backend.pool = self
-        backend.idle_timer = self.clock.callLater(self.idle_timeout, self._expire, backend)
+        backend.idle_since = self.clock.seconds()
+        if self._sweep is None or not self._sweep.active():
+            self._sweep = self.clock.callLater(self.idle_timeout, self._expire_due)
         backend.transport.resumeProducing()  # type: ignore[union-attr]
 
     def forget(self, backend: HttpBackend) -> None:
@@ -267,26 +271,35 @@ class BackendPool:
             self._count -= 1
             if not idle:
                 del self._idle[backend.key]
-        self._stop_timer(backend)
         backend.pool = None
 
     def _expire(self, backend: HttpBackend) -> None:
-        backend.idle_timer = None
         self.forget(backend)
         if backend.transport is not None:
             backend.transport.loseConnection()
 
-    @staticmethod
-    def _stop_timer(backend: HttpBackend) -> None:
-        if backend.idle_timer is not None and backend.idle_timer.active():
-            backend.idle_timer.cancel()
-        backend.idle_timer = None
+    def _expire_due(self) -> None:
+        """Close the connections idle for ``idle_timeout`` or longer; re-arm for the oldest of the others."""
+        self._sweep = None
+        now = self.clock.seconds()
+        oldest: float | None = None
+        for idle in list(self._idle.values()):
+            for backend in list(idle):
+                if backend.idle_since + self.idle_timeout <= now + 1e-6:
+                    self._expire(backend)
+                elif oldest is None or backend.idle_since < oldest:
+                    oldest = backend.idle_since
+        if oldest is not None:
+            self._sweep = self.clock.callLater(max(0.0, oldest + self.idle_timeout - now), self._expire_due)
 
     def close(self) -> None:
         """Close every idle connection."""
         for idle in list(self._idle.values()):
             for backend in list(idle):
                 self._expire(backend)
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
 
 
 # ---------------------------------------------------------------------------------------------------- stream
@@ -339,8 +352,11 @@ class HttpStreamServer(H11Relay):
                     event.target.decode("ascii", "replace") != self.target:
                 self._reset(ErrorCode.PROTOCOL_ERROR, "the request differs from the one the OPEN announced")
                 return
-            self._sent_request = h11.Request(method=event.method, target=event.target,
-                                             headers=self._backend_headers(event))
+            headers, parsed = self._backend_headers(event)
+            # Where every header comes from the request h11 parsed from the stream (only filtered), ``_parsed``
+            # spares validating each again; a Host built from the configuration is validated.
+            self._sent_request = h11.Request(method=event.method, target=event.target, headers=headers,
+                                             _parsed=parsed)
             backend.send(self._sent_request)
         elif isinstance(event, h11.Data):
             self._body_sent = True
@@ -352,11 +368,13 @@ class HttpStreamServer(H11Relay):
         elif isinstance(event, h11.ConnectionClosed):
             pass  # the proxy's FIN after the request: expected
 
-    def _backend_headers(self, request: h11.Request) -> list[tuple[bytes, bytes]]:
-        request_headers = header_list(request.headers)
+    def _backend_headers(self, request: h11.Request) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """The request's headers for the backend, and whether all of them come from the parsed request."""
+        request_headers = header_pairs(request.headers)
         upgrade = upgrade_of(request_headers)
         forwarded = forwarded_request_headers(request_headers, upgrade)
         virtual_host = next((v for n, v in request_headers if n == b"host"), None)
+        parsed = virtual_host is not None and self.rule.host_in_header != "internal"
         if virtual_host is None:
             shown = f"[{self.virtual_host}]" if ":" in self.virtual_host else self.virtual_host
             virtual_host = f"{shown}:{self.virtual_port}".encode("ascii", "replace")
@@ -368,8 +386,8 @@ class HttpStreamServer(H11Relay):
             default = 443 if self.rule.protocol == "HTTPS" else 80
             value = shown if port == default else f"{shown}:{port}"
             return [(b"host", value.encode("idna" if not value.isascii() else "ascii")),
-                    (b"x-forwarded-host", virtual_host), *headers]
-        return [(b"host", virtual_host), *headers]
+                    (b"x-forwarded-host", virtual_host), *headers], False
+        return [(b"host", virtual_host), *headers], parsed
 
     def protocol_error(self, error: h11.RemoteProtocolError) -> None:
         """The proxy sent something that is not HTTP/1.1."""
@@ -390,14 +408,15 @@ class HttpStreamServer(H11Relay):
                 self._switch(event)
             elif event.status_code != 100:
                 self._send(h11.InformationalResponse(
-                    status_code=event.status_code, headers=forwarded_response_headers(event.headers),
+                    status_code=event.status_code, headers=forwarded_response_headers(header_pairs(event.headers)),
                     reason=event.reason))
             return
         if isinstance(event, h11.Response):
             self.response_started = True
-            if header_values(event.headers, b"transfer-encoding") and header_values(event.headers, b"content-length"):
+            pairs = header_pairs(event.headers)
+            if header_values(pairs, b"transfer-encoding") and header_values(pairs, b"content-length"):
                 self.ambiguous_framing = True  # RFC 9112 6.1: this backend connection is not reused
-            headers = forwarded_response_headers(event.headers)
+            headers = forwarded_response_headers(pairs)
             rewritten = False
             for index, (name, value) in enumerate(headers):
                 if name == b"location":
@@ -421,8 +440,9 @@ class HttpStreamServer(H11Relay):
     def _switch(self, event: h11.InformationalResponse) -> None:
         backend = self.backend
         assert backend is not None and self.upgrade is not None
-        headers = forwarded_response_headers(event.headers) + [
-            (b"connection", b"upgrade"), (b"upgrade", upgrade_of(event.headers) or self.upgrade.encode("latin-1"))]
+        pairs = header_pairs(event.headers)
+        headers = forwarded_response_headers(pairs) + [
+            (b"connection", b"upgrade"), (b"upgrade", upgrade_of(pairs) or self.upgrade.encode("latin-1"))]
         self._send(h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason))
         self.gateway.log.debug("HTTP upgrade to {protocol} on {system}", protocol=self.upgrade, system=self.system)
         backend.server = None

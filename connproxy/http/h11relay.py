@@ -10,7 +10,7 @@ from typing import Any
 import h11
 from twisted.logger import Logger
 
-from connproxy.http.headers import Headers, escape_controls
+from connproxy.http.headers import Headers, escape_controls, header_list
 from connproxy.relay import Relay
 
 # ---------------------------------------------------------------------------------------------------- h11 relay
@@ -41,6 +41,18 @@ def _fast_body_supported() -> bool:
 
 
 _FAST_BODY = _fast_body_supported()
+
+
+def header_pairs(headers: Any) -> list[tuple[bytes, bytes]]:
+    """The ``(lower-case name, value)`` pairs of an event's headers as a plain list.
+
+    An ``h11.Headers`` iterates through ``Sequence.__iter__`` and ``__getitem__``, two Python calls per header; its
+    ``_full_items`` (raw name, lower-case name, value) are read directly where this h11 has them.
+    """
+    items = getattr(headers, "_full_items", None)
+    if type(items) is list:
+        return [(name, value) for _raw, name, value in items]
+    return header_list(headers)
 
 
 class HttpError(Exception):

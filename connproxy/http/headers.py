@@ -45,7 +45,7 @@ def header_list(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
 def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
+        if name == b"connection" or name.lower() == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
 
@@ -74,10 +74,10 @@ def end_to_end_headers(
     # A header named in Connection is hop-by-hop, but never the message's framing or its Host: dropping those
     # would change what the request means (a POST whose Content-Length is gone has no body any more).
     named = _connection_tokens(items) - _NEVER_HOP_BY_HOP
-    dropped = HOP_BY_HOP | named | frozenset(drop)
-    return [
-        (n, v) for n, v in items if n not in dropped and not (drop_sap and n.startswith(SAP_PREFIXES))
-    ]
+    dropped = HOP_BY_HOP | named | frozenset(drop) if named or drop else HOP_BY_HOP
+    if drop_sap:
+        return [(n, v) for n, v in items if n not in dropped and not n.startswith(SAP_PREFIXES)]
+    return [(n, v) for n, v in items if n not in dropped]
 
 
 def is_chunked(headers: Sequence[tuple[bytes, bytes]]) -> bool:

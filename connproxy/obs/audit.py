@@ -33,12 +33,13 @@ meant for one, and the query string of a path (where tokens sometimes travel) is
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 __all__ = [
     "AUDIT_NAMESPACE",
@@ -66,6 +67,7 @@ _MAX_PATH_CHARS: Final = 2048
 AuditWriter = Callable[[str], None]
 
 _audit_log = Logger(namespace=AUDIT_NAMESPACE)
+_AUDIT_FORMAT: Final = "audit {audit_action}: {audit_message}"
 #: ``json.dumps(..., ensure_ascii=True, separators=(",", ":"))`` without building an encoder per event.
 encode_json: Callable[[Any], str] = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
@@ -80,9 +82,23 @@ def _tunnel_id(tenant: str | None) -> str | None:
     return None if tenant is None else f"account:///{tenant}"
 
 
+#: The last whole second formatted by :func:`_iso_utc` (events come many per second; formatting a datetime was
+#: a third of the cost of an audit event).
+_last_second: list[Any] = [None, ""]
+
+
 def _iso_utc(seconds: float) -> str:
-    stamp = datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
+    """``seconds`` since the epoch as ISO-8601 UTC with milliseconds (``2026-01-02T03:04:05.678Z``)."""
+    # As datetime does: the fraction rounded to microseconds (half to even), then cut to milliseconds.
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1_000_000)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    ms = micros // 1000
+    if _last_second[0] != whole:
+        _last_second[1] = datetime.fromtimestamp(whole, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second[0] = whole
+    return f"{_last_second[1]}.{ms:03d}Z"
 
 
 def build_event(
@@ -149,13 +165,19 @@ def emit_event(
     :param clock: seconds since the epoch; default :func:`time.time`.
     :raises Exception: whatever a custom ``writer`` raises (emitting a log event does not raise).
     """
-    event = build_event(now=(clock or time.time)(), **fields)
+    now = (clock or time.time)()
+    event = build_event(now=now, **fields)
     if writer is not None:
         writer(AUDIT_PREFIX + encode_json(event))
         return
     data = event["data"]
-    _audit_log.info("audit {audit_action}: {audit_message}", audit=event, audit_action=data["action"],
-                    audit_message=data["message"])
+    # What ``_audit_log.info(...)`` emits, built here: twisted's ``Logger.emit`` checks the level against every
+    # ``LogLevel`` constant on each call, a third of an audit event's cost on the connector's per-stream path.
+    _audit_log.observer({
+        "audit": event, "audit_action": data["action"], "audit_message": data["message"],
+        "log_logger": _audit_log, "log_level": LogLevel.info, "log_namespace": AUDIT_NAMESPACE,
+        "log_source": None, "log_format": _AUDIT_FORMAT, "log_time": now if clock is None else time.time(),
+    })
 
 
 def tunnel_handshake(

@@ -52,13 +52,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connproxy.http.h11relay import H11Relay, HttpError, error_response_events, send_event
+from connproxy.http.h11relay import H11Relay, HttpError, error_response_events, header_pairs, send_event
 from connproxy.http.headers import (
     end_to_end_headers,
     escape_controls,
     forwarded_response_headers,
     has_body,
-    header_list,
     header_values,
     upgrade_of,
 )
@@ -80,6 +79,9 @@ from connproxy.wire.errors import ErrorCode
 
 #: The average request body rate (bytes/s) each body timeout window must reach.
 MIN_BODY_RATE = 100
+#: Seconds by which a deadline may be early and still count as due (a delayed call's time is the sum of the
+#: clock's time and a delay, which may round below the deadline it was computed from).
+_SLACK = 1e-6
 
 # ---------------------------------------------------------------------------------------------------- upstream
 
@@ -204,6 +206,9 @@ class _Exchange:
     pending: Deferred[Any] | None = None
     upstream: UpstreamRelay | None = None
     timer: IDelayedCall | None = None
+    #: When the first byte of the answer is due (504 after it), on the connection's clock; checked by the
+    #: connection's one wake-up call (:meth:`HttpProxyProtocol._wake_up`) instead of a timer per request.
+    first_byte_deadline: float | None = None
     body_bytes: int = 0
 
     def to(self, phase: Phase) -> None:
@@ -228,6 +233,8 @@ class _Exchange:
         return escape_controls(self.raw_target[:200].decode("latin-1"))
 
     def stop_timer(self) -> None:
+        """Stop the body timer and the first-byte deadline."""
+        self.first_byte_deadline = None
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -311,7 +318,11 @@ class HttpProxyProtocol(H11Relay):
         self.requests = 0
         self._probe = b""
         self._received = 0
-        self._head_timer: IDelayedCall | None = None
+        #: When the current request head must be complete (408 after it), or None.
+        self._head_deadline: float | None = None
+        #: The one delayed call that checks the deadlines (head, first byte); it may fire early (a deadline that
+        #: was met meanwhile) and then re-arms for what is still due, so no request creates or cancels a timer.
+        self._wake: IDelayedCall | None = None
         self._idle_timer: IDelayedCall | None = None
         self._last_activity = 0.0
         self._closing = False
@@ -365,14 +376,45 @@ class HttpProxyProtocol(H11Relay):
         if self.exchange is None and self.conn.their_state is h11.IDLE and not self._check_request_line(data):
             return
         super().dataReceived(data)
+        if self.exchange is not None and not self.tunnel_mode and not self.can_pump() and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]  # held (routing): read no further
 
     def _start_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.factory.clock.callLater(self.factory.header_timeout, self._head_timed_out)
+        if self._head_deadline is None:
+            self._head_deadline = self.factory.clock.seconds() + self.factory.header_timeout
+            self._arm(self._head_deadline)
+
+    def _arm(self, deadline: float) -> None:
+        """Make sure :meth:`_wake_up` runs by ``deadline``."""
+        wake = self._wake
+        if wake is not None:
+            if wake.active() and wake.getTime() <= deadline:
+                return
+            if wake.active():
+                wake.cancel()
+        clock = self.factory.clock
+        self._wake = clock.callLater(max(0.0, deadline - clock.seconds()), self._wake_up)
+
+    def _wake_up(self) -> None:
+        """Run the deadlines that are due (head: 408; first byte: 504), re-arm for those still ahead."""
+        self._wake = None
+        if self.transport is None or self._lost:
+            return
+        now = self.factory.clock.seconds() + _SLACK
+        head = self._head_deadline
+        if head is not None and head <= now:
+            self._head_timed_out()
+        ex = self.exchange
+        if ex is not None and ex.first_byte_deadline is not None and ex.first_byte_deadline <= now:
+            self._first_byte_timed_out(ex)
+        due = [d for d in (self._head_deadline,
+                           self.exchange.first_byte_deadline if self.exchange is not None else None) if d is not None]
+        if due and not self._lost and not self._closing:
+            self._arm(min(due))
 
     def _check_request_line(self, data: bytes) -> bool:
         """Watch the bytes of a request head until its first line ended: 414 when it is too long."""
-        if self._head_timer is None and data.strip(b"\r\n"):
+        if self._head_deadline is None and data.strip(b"\r\n"):
             self._start_head_timer()
         limit = self.factory.max_line_bytes
         self._probe = (self._probe + data).lstrip(b"\r\n")[: limit + 2]
@@ -384,7 +426,7 @@ class HttpProxyProtocol(H11Relay):
 
     def _head_timed_out(self) -> None:
         """No complete request head in time: 408, or just close a connection that never sent a byte."""
-        self._head_timer = None
+        self._head_deadline = None
         if self.exchange is not None or self.tunnel_mode or self.transport is None or self._closing:
             return
         timeout = self.factory.header_timeout
@@ -398,9 +440,7 @@ class HttpProxyProtocol(H11Relay):
         self._fail_and_close(HttpError(408, f"request head not complete within {timeout:g}s"))
 
     def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None and self._head_timer.active():
-            self._head_timer.cancel()
-        self._head_timer = None
+        self._head_deadline = None  # the wake-up call stays: it finds nothing due and re-arms for what is
         self._probe = b""
 
     def can_pump(self) -> bool:
@@ -457,7 +497,7 @@ class HttpProxyProtocol(H11Relay):
 
     def _begin(self, request: h11.Request) -> None:
         self.requests += 1
-        headers = header_list(request.headers)
+        headers = header_pairs(request.headers)
         ex = _Exchange(method=request.method, raw_target=request.target, has_body=has_body(headers),
                        must_close=bool(header_values(headers, b"transfer-encoding")
                                        and header_values(headers, b"content-length")))
@@ -467,8 +507,8 @@ class HttpProxyProtocol(H11Relay):
         except HttpError as error:
             self._refused(ex, error)
             return
-        assert self.transport is not None
-        self.transport.pauseProducing()  # type: ignore[attr-defined]
+        # The client socket is not paused here (two epoll_ctl calls per request): bytes that arrive while the
+        # request is routed and cannot be taken pause it then (:meth:`dataReceived`), one read at most.
         d = self.factory.authorizer.authorize(proxy_token=ex.request.proxy_token,
                                               service_token=ex.request.service_token)
         ex.pending = d
@@ -568,8 +608,11 @@ class HttpProxyProtocol(H11Relay):
             return
         upstream: UpstreamRelay = protocol
         ex.upstream = upstream
+        # Method, target and every header come from the request h11 parsed (and validated) from the client, or
+        # are built from its validated parts (the Host of an absolute-form target): ``_parsed`` spares
+        # validating each header again (h11 still checks the framing headers, Host, method and target).
         upstream.send(h11.Request(method=request.method, target=request.path.encode("ascii", "replace"),
-                                  headers=request.headers))
+                                  headers=request.headers, _parsed=True))
         if self._request_complete():
             self._end_request(ex)
         else:
@@ -610,7 +653,8 @@ class HttpProxyProtocol(H11Relay):
             upstream.transport.loseWriteConnection()  # type: ignore[attr-defined]
         if ex.phase in (Phase.ROUTING, Phase.SENDING):
             ex.to(Phase.WAITING)
-            ex.timer = self.factory.clock.callLater(self.factory.first_byte_timeout, self._first_byte_timed_out, ex)
+            ex.first_byte_deadline = self.factory.clock.seconds() + self.factory.first_byte_timeout
+            self._arm(ex.first_byte_deadline)
         elif ex.phase is Phase.ANSWERED:
             self._finish(ex)
 
@@ -640,7 +684,7 @@ class HttpProxyProtocol(H11Relay):
     # ------------------------------------------------------------------ responses
 
     def _first_byte_timed_out(self, ex: _Exchange) -> None:
-        ex.timer = None
+        ex.first_byte_deadline = None
         if not self._current(ex) or ex.phase is not Phase.WAITING:
             return
         self.log.info(
@@ -663,13 +707,14 @@ class HttpProxyProtocol(H11Relay):
                 self._switch(ex, event)
             elif event.status_code != 100:
                 self._send(h11.InformationalResponse(
-                    status_code=event.status_code, headers=end_to_end_headers(event.headers), reason=event.reason))
+                    status_code=event.status_code, headers=end_to_end_headers(header_pairs(event.headers)),
+                    reason=event.reason))
             return
         if isinstance(event, h11.Response):
             if ex.phase is Phase.WAITING:
                 ex.stop_timer()  # the first-byte timer; a body timer goes on while the body streams
             ex.to(Phase.ANSWERING)
-            headers = forwarded_response_headers(event.headers)
+            headers = forwarded_response_headers(header_pairs(event.headers))
             # Every part comes from the response h11 parsed (and validated) from the stream, only filtered:
             # ``_parsed`` spares validating each header again with h11's regular expressions.
             self._send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason,
@@ -688,8 +733,9 @@ class HttpProxyProtocol(H11Relay):
         upstream, request = ex.upstream, ex.request
         assert upstream is not None and request is not None and request.upgrade is not None
         ex.stop_timer()
-        headers = end_to_end_headers(event.headers) + [(b"connection", b"upgrade"),
-                                                       (b"upgrade", upgrade_of(event.headers) or request.upgrade)]
+        pairs = header_pairs(event.headers)
+        headers = end_to_end_headers(pairs) + [(b"connection", b"upgrade"),
+                                               (b"upgrade", upgrade_of(pairs) or request.upgrade)]
         self._send(h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason))
         self.log.debug("HTTP {client} upgraded to {protocol} with {target}", client=self._client(),
                        protocol=escape_controls(request.upgrade.decode("latin-1")), target=ex.target)
@@ -749,7 +795,7 @@ class HttpProxyProtocol(H11Relay):
             unwire(self, upstream)
             if not upstream._lost and not upstream.got_fin:
                 # The connector's FIN normally follows its last DATA at once; close if it does not.
-                self.factory.clock.callLater(0, _close_if_open, upstream)
+                self.factory.close_soon(upstream)
         if ex.must_close:
             self._close()  # RFC 9112 6.1: Transfer-Encoding and Content-Length together: no reuse
             return
@@ -763,7 +809,7 @@ class HttpProxyProtocol(H11Relay):
             if not self._own_answers.paused:
                 self.transport.resumeProducing()  # type: ignore[attr-defined]
             trailing, _closed = self.conn.trailing_data
-            if trailing.strip(b"\r\n") and self._head_timer is None:
+            if trailing.strip(b"\r\n") and self._head_deadline is None:
                 self._start_head_timer()  # a pipelined request head has begun: it must complete in time
             self.pump()
         else:
@@ -859,6 +905,9 @@ class HttpProxyProtocol(H11Relay):
         the connection's place in the front end's limits."""
         self.factory.release(self)
         self._cancel_head_timer()
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = None
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
@@ -950,6 +999,19 @@ class HttpProxyFactory(FrontEndFactory):
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.first_byte_timeout = first_byte_timeout
+        self._awaiting_fin: list[UpstreamRelay] = []
+
+    def close_soon(self, upstream: UpstreamRelay) -> None:
+        """Close ``upstream``'s stream in the next reactor iteration unless its FIN came meanwhile: one delayed
+        call for all the streams of an iteration (the FIN normally comes in the same read)."""
+        self._awaiting_fin.append(upstream)
+        if len(self._awaiting_fin) == 1:
+            self.clock.callLater(0, self._close_awaiting)
+
+    def _close_awaiting(self) -> None:
+        awaiting, self._awaiting_fin = self._awaiting_fin, []
+        for upstream in awaiting:
+            _close_if_open(upstream)
 
     def build(self, addr: IAddress | None) -> HttpProxyProtocol:
         """A new client connection within the limits."""

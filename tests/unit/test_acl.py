@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from connproxy.config import ConfigError, ConnectorConfig, Resource, connector_config_from_mapping, path_problem
+from connproxy.config import (
+    AccessRule,
+    ConfigError,
+    ConnectorConfig,
+    Resource,
+    connector_config_from_mapping,
+    path_problem,
+)
 from connproxy.connector import acl
 
 
@@ -209,3 +216,23 @@ def test_non_ascii_paths_without_dot_segments_are_allowed(path: str) -> None:
 def test_three_dots_after_normalisation_are_not_a_dot_segment_but_two_are() -> None:
     assert path_problem("/a/%e2%80%a6/b") is None  # "..." is a plain name to every backend
     assert path_problem("/a/%e2%80%a5/b") is not None
+
+
+def test_find_rule_index_follows_a_new_configuration() -> None:
+    """The host index is per ``access_control`` tuple: a reloaded configuration is looked up afresh, IP literals
+    and names canonically, first rule in configuration order first."""
+    from dataclasses import replace
+
+    first = AccessRule(virtual_host="::1", virtual_ports=(80, 80), internal_host="a", internal_ports=(1, 1),
+                       protocol="HTTP")
+    second = AccessRule(virtual_host="erp.internal", virtual_ports=(80, 90), internal_host="b",
+                        internal_ports=(2, 12), protocol="HTTP")
+    shadowed = replace(second, internal_host="c")
+    config = ConnectorConfig(access_control=(first, second, shadowed))
+    assert acl.find_rule(config, "[0:0::1]", 80) is first
+    assert acl.find_rule(config, "ERP.internal.", 85) is second
+    assert acl.find_rule(config, "erp.internal", 91) is None
+    reloaded = ConnectorConfig(access_control=(shadowed,))
+    assert acl.find_rule(reloaded, "erp.internal", 85) is shadowed
+    assert acl.find_rule(reloaded, "::1", 80) is None
+    assert acl.find_rule(config, "erp.internal", 85) is second  # the old tuple again: rebuilt, same answer

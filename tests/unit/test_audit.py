@@ -147,3 +147,18 @@ def test_json_record_marks_audit_and_keeps_the_sap_fields() -> None:
     assert record["audit"] is True and record["logger"] == AUDIT_NAMESPACE and record["level"] == "info"
     assert record["time"] == event["time"] and record["message"] == "authorize proxy call: proxy call refused"
     assert {k: record[k] for k in ("user", "tenant", "data")} == {k: event[k] for k in ("user", "tenant", "data")}
+
+
+@pytest.mark.parametrize(
+    "seconds",
+    [0.0, 1764900000.0, 1764900000.0005, 1764900000.9999995, 1764900000.999, 1299765235.7189994,
+     852264350.3039999, 1764900001.4999999],
+)
+def test_time_is_what_datetime_writes(seconds: float) -> None:
+    """The per-second cache of the timestamp writes what ``datetime.isoformat`` would, rounding included."""
+    from datetime import UTC, datetime
+
+    expected = datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert audit._iso_utc(seconds) == expected
+    assert audit._iso_utc(seconds + 3600.25) == datetime.fromtimestamp(seconds + 3600.25, tz=UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")  # another second: the cache is replaced

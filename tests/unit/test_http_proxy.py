@@ -183,7 +183,9 @@ def test_absolute_form_request_is_routed_cleaned_and_answered_with_keep_alive() 
     c = Client()
     c.send(GET + b"Proxy-Connection: keep-alive\r\nSAP-Connectivity-SCC-Location_ID: loc-1\r\n"
            b"SAP-Connectivity-Authentication: Bearer user.jwt\r\nSAP-Connectivity-Foo: x\r\nX-Custom: 1\r\n\r\n")
-    assert c.transport.producerState == "paused"  # while authorizing and routing
+    # A bodiless request held for routing does not pause the socket (an epoll_ctl pair per request); bytes
+    # that arrive meanwhile would (test_bytes_while_routing_pause_the_client).
+    assert c.transport.producerState == "producing"
     (endpoint,) = c.router.endpoints
     kwargs = endpoint.kwargs
     assert (kwargs["tenant"], kwargs["location"], kwargs["host"], kwargs["port"], kwargs["kind"]) == (
@@ -620,6 +622,28 @@ def test_malformed_ipv6_authority_is_400() -> None:
     c = Client()
     c.send(b"GET http://[::1/x HTTP/1.1\r\nHost: a\r\n\r\n")
     assert c.take().startswith(b"HTTP/1.1 400 ")
+
+
+def test_bytes_while_routing_pause_the_client() -> None:
+    """A request body (or a pipelined request) that arrives while its request is routed stays in the parser's
+    buffer, one read at most: reading stops until the stream is wired."""
+    c = Client()
+    c.send(b"GET http://erp.internal/ HTTP/1.1\r\nHost: erp.internal\r\n\r\n")
+    assert c.transport.producerState == "producing"  # nothing held
+    c = Client()
+    c.send(b"POST http://erp.internal/api HTTP/1.1\r\nHost: erp.internal\r\nContent-Length: 8\r\n\r\n")
+    assert c.transport.producerState == "paused"  # a body will come and is held while routing
+    c.send(b"abcd")
+    assert c.transport.producerState == "paused"  # held while routing
+    (endpoint,) = c.router.endpoints
+    upstream, stream = endpoint.accept()
+    assert c.transport.producerState == "producing"  # wired: the stream is the client's producer now
+    c.send(b"efgh")
+    events = requests_in(stream.value())
+    assert b"".join(bytes(e.data) for e in events if isinstance(e, h11.Data)) == b"abcdefgh"
+    answer(stream, upstream)
+    status, _headers, body = one(c.take())
+    assert (status, body) == (200, b"hello")
 
 
 def test_transfer_encoding_with_content_length_never_reuses_the_connection() -> None:
