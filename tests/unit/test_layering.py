@@ -228,7 +228,7 @@ def modules_loaded_by(entry: list[str]) -> list[str]:
     return result.stdout.split()
 
 
-CONNECTOR_ENTRY = ["connproxy.connector.tap", "connproxy.connector.dialer"]
+CONNECTOR_ENTRY = ["connproxy.connector.tap", "connproxy.connector.service", "connproxy.connector.dialer"]
 PROXY_ENTRY = ["connproxy.proxy.tap", "connproxy.proxy.service"]
 
 
