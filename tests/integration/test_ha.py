@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,4 +223,49 @@ def test_three_replicas_subdomain_mode_through_an_sni_router(sni_fleet: Fleet) -
             assert r.child is not None and r.child.count(REGISTERED) == 1  # exactly one tunnel per replica
     finally:
         yield router.stopListening()
+        yield echo.stopListening()
+
+
+@needs_nginx
+@pytest_twisted.inlineCallbacks
+def test_rolling_restart_of_three_replicas_loses_nothing(fleet: Fleet) -> Iterator[Any]:
+    """A rolling restart as the StatefulSet does it: each replica in turn leaves the Service's endpoints (readiness
+    false; here: the load stops choosing it), gets SIGTERM, drains (its streams in flight finish, GOAWAY sends the
+    connectors elsewhere), exits 0, is started again and has both connectors back before the next one goes. Under
+    steady SOCKS5 load through the replicas no exchange fails."""
+    echo = yield serve(Echo)
+    try:
+        nginx_port = free_port()
+        replicas = fleet.add_replicas(3, mode="path", external_port=nginx_port,
+                                      shutdown={"drainTimeoutSeconds": 5})
+        for r in replicas:
+            fleet.start_replica(r)
+        fleet.start_nginx(nginx_port)
+        access = [tcp_rule("echo.internal", 7, echo.getHost().port)]
+        for name in ("c1", "c2"):
+            fleet.start_connector(fleet.connector_config(
+                name, nginx_port, access, proxy={"highAvailabilityMode": "path"}))
+        yield wait_for(lambda: all(registered_on(r, "c1", "c2") for r in replicas), timeout=40)
+        load = Load([r.socks_port for r in replicas], limit=20000)
+        yield wait_for(lambda: load.ok >= 20, timeout=30)
+        exits = []
+        for victim in replicas:
+            load.ports = [r.socks_port for r in replicas if r is not victim]  # out of the Service's endpoints
+            yield sleep(0.5)  # exchanges already started on the victim are in flight now, or done
+            assert victim.child is not None
+            fleet.kill(victim.child, signal.SIGTERM)
+            reason = yield victim.child.ended
+            exits.append(getattr(reason, "exitCode", None))
+            child = fleet.start_replica(victim)
+            yield wait_for(lambda v=victim: registered_on(v, "c1", "c2"), timeout=40)
+            assert child is victim.child
+            load.ports = [r.socks_port for r in replicas]
+        yield sleep(1.0)
+        yield load.stop()
+        print(f"rolling restart of 3 replicas: {load.ok + len(load.failures)} exchanges sent, {load.ok} succeeded, "
+              f"{len(load.failures)} failed; exit statuses {exits}")
+        assert load.failures == []
+        assert exits == [0, 0, 0]
+        assert load.ok > 100
+    finally:
         yield echo.stopListening()
