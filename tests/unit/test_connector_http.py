@@ -135,27 +135,14 @@ class Setup:
 
 
 def backend_requests(raw: bytes) -> list[h11.Event]:
-    conn = h11.Connection(h11.SERVER)
-    conn.receive_data(raw)
-    events: list[h11.Event] = []
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA or event is h11.PAUSED:
-            return events
-        events.append(event)  # type: ignore[arg-type]
+    return doubles.h11_events(h11.Connection(h11.SERVER), raw)
 
 
 def stream_response(raw: bytes) -> list[h11.Event]:
     conn = h11.Connection(h11.CLIENT)
     conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
     conn.send(h11.EndOfMessage())
-    conn.receive_data(raw)
-    events: list[h11.Event] = []
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA or event is h11.PAUSED:
-            return events
-        events.append(event)  # type: ignore[arg-type]
+    return doubles.h11_events(conn, raw)
 
 
 # ------------------------------------------------------------------------------------------------ decisions

@@ -7,18 +7,18 @@ from typing import Any
 import h11
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from connproxy.http.headers import end_to_end_headers, split_authority, upgrade_of
-from connproxy.proxy.auth import AuthError, Caller
+from connproxy.proxy.auth import AuthError
 from connproxy.proxy.http_frontend import HttpProxyFactory, HttpProxyProtocol
 from connproxy.relay import Relay
 from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, StreamResetError
 from connproxy.wire.errors import ErrorCode
 from tests import doubles
+from tests.doubles import FakeAuthorizer, FakeRouter
 
 
 class HalfCloseTransport(doubles.HalfCloseTransport):
@@ -26,51 +26,6 @@ class HalfCloseTransport(doubles.HalfCloseTransport):
 
     def __init__(self) -> None:
         super().__init__(IPv4Address("TCP", "10.0.0.7", 51234))
-
-
-class FakeEndpoint:
-    def __init__(self, router: FakeRouter, kwargs: dict[str, Any]) -> None:
-        self.router = router
-        self.kwargs = kwargs
-        self.d: Deferred[Any] = Deferred(lambda _d: router.cancelled.append(kwargs))
-        self.factory: Any = None
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        self.factory = factory
-        return self.d
-
-    def accept(self, transport: HalfCloseTransport | None = None) -> tuple[Any, HalfCloseTransport]:
-        """The connector accepted: build the stream side, connect it (``transport``: the stream), fire."""
-        protocol = self.factory.buildProtocol(None)
-        transport = transport or HalfCloseTransport()
-        transport.protocol = protocol
-        protocol.makeConnection(transport)
-        self.d.callback(protocol)
-        return protocol, transport
-
-
-class FakeRouter:
-    def __init__(self) -> None:
-        self.endpoints: list[FakeEndpoint] = []
-        self.cancelled: list[dict[str, Any]] = []
-
-    def endpoint(self, **kwargs: Any) -> FakeEndpoint:
-        endpoint = FakeEndpoint(self, kwargs)
-        self.endpoints.append(endpoint)
-        return endpoint
-
-
-class FakeAuthorizer:
-    def __init__(self, error: AuthError | None = None, tenant: str = "tenant-a") -> None:
-        self.error = error
-        self.tenant = tenant
-        self.calls: list[tuple[str | None, str | None]] = []
-
-    def authorize(self, *, proxy_token: str | None, service_token: str | None = None) -> Deferred[Any]:
-        self.calls.append((proxy_token, service_token))
-        if self.error is not None:
-            return fail(self.error)
-        return succeed(Caller(tenant=self.tenant, client_id="sb-app", subject=None, verified=True))
 
 
 class Client:
@@ -131,14 +86,7 @@ def one(raw: bytes, method: bytes = b"GET") -> tuple[int, dict[bytes, bytes], by
 
 def requests_in(raw: bytes) -> list[h11.Event]:
     """The events of the request(s) the proxy wrote into a stream."""
-    conn = h11.Connection(h11.SERVER)
-    conn.receive_data(raw)
-    events: list[h11.Event] = []
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA or event is h11.PAUSED:
-            return events
-        events.append(event)  # type: ignore[arg-type]
+    return doubles.h11_events(h11.Connection(h11.SERVER), raw)
 
 
 GET = b"GET http://erp.internal:8080/api/x?y=1 HTTP/1.1\r\nHost: erp.internal:8080\r\n"

@@ -8,28 +8,23 @@ from __future__ import annotations
 
 import base64
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from connproxy.proxy.auth import AuthError
 from connproxy.proxy.registry import ConnectorRegistry
 from connproxy.proxy.routing import Router
 from connproxy.proxy.socks import Socks5Factory, Socks5Protocol
-from connproxy.relay import Relay
 from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, TunnelLostError
 from connproxy.wire.errors import ErrorCode
-from tests.doubles import HalfCloseTransport
+from tests.doubles import FakeAuthorizer, FakeRouter
 
 CLIENT_ADDR = IPv4Address("TCP", "10.9.9.9", 5000)
 SUCCESS = bytes.fromhex("05 00 00 01 00 00 00 00 00 00")
@@ -54,67 +49,6 @@ def reply(code: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ doubles
-
-
-@dataclass
-class Caller:
-    tenant: str
-    client_id: str | None = None
-
-
-class FakeAuthorizer:
-    """Authorizes everyone as ``tenant-a`` (``result``), fails with ``error``, or waits (``manual``)."""
-
-    def __init__(self, error: Exception | None = None, manual: bool = False) -> None:
-        self.error = error
-        self.manual = manual
-        self.calls: list[tuple[str | None, str | None]] = []
-        self.pending: list[Deferred[Any]] = []
-
-    def authorize(self, *, proxy_token: str | None, service_token: str | None = None) -> Deferred[Any]:
-        self.calls.append((proxy_token, service_token))
-        if self.error is not None:
-            return fail(self.error)
-        if self.manual:
-            d: Deferred[Any] = Deferred()
-            self.pending.append(d)
-            return d
-        return succeed(Caller("tenant-a", "client-1"))
-
-
-@implementer(IStreamClientEndpoint)
-class FakeEndpoint:
-    """``connect()`` returns a Deferred the test fires; cancelling it is recorded."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.kwargs = kwargs
-        self.factory: IProtocolFactory | None = None
-        self.cancelled = False
-        self.deferred: Deferred[Any] = Deferred(lambda d: setattr(self, "cancelled", True))
-
-    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
-        self.factory = factory
-        return self.deferred
-
-    def succeed(self) -> tuple[Relay, HalfCloseTransport]:
-        """The stream is open: build the far relay side on a fake stream transport and fire."""
-        assert self.factory is not None
-        far = self.factory.buildProtocol(None)
-        assert isinstance(far, Relay)
-        transport = HalfCloseTransport()
-        far.makeConnection(transport)
-        self.deferred.callback(far)
-        return far, transport
-
-
-class FakeRouter:
-    def __init__(self) -> None:
-        self.endpoints: list[FakeEndpoint] = []
-
-    def endpoint(self, **kwargs: Any) -> FakeEndpoint:
-        endpoint = FakeEndpoint(**kwargs)
-        self.endpoints.append(endpoint)
-        return endpoint
 
 
 class SocksTestCase(SynchronousTestCase):
@@ -168,8 +102,8 @@ class SapFlowTests(SocksTestCase):
         self.assertEqual((endpoint.kwargs["host"], endpoint.kwargs["port"]), ("erp.internal", 443))
         self.assertEqual(endpoint.kwargs["kind"], "tcp")
         self.assertEqual(endpoint.kwargs["meta"],
-                         {"client": "10.9.9.9:5000", "client_id": "client-1", "via": "socks5"})
-        far, far_t = endpoint.succeed()
+                         {"client": "10.9.9.9:5000", "client_id": "sb-app", "via": "socks5"})
+        far, far_t = endpoint.accept()
         self.assertEqual(transport.value(), SUCCESS)
         self.assertFalse(transport.disconnecting)
         # The negotiation timeout is cancelled; only the relay's idle check is left.
@@ -223,7 +157,7 @@ class ConnectingTests(SocksTestCase):
                               + b"early,")
         self.assertEqual(transport.producerState, "paused")
         protocol.dataReceived(b"in flight")  # a read already under way when we paused
-        far, far_t = self.router.endpoints[0].succeed()
+        far, far_t = self.router.endpoints[0].accept()
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(far_t.value(), b"early,in flight")
         self.assertTrue(transport.value().endswith(SUCCESS))
@@ -253,14 +187,14 @@ class ConnectingTests(SocksTestCase):
         protocol, transport = self.negotiated()
         d = self.authorizer.pending[0]
         protocol.transport = None  # what the front end checks after its connection is gone
-        d.callback(Caller("tenant-a"))
+        d.callback(self.authorizer.caller())
         self.assertEqual(self.router.endpoints, [])
 
 
 class FailureTests(SocksTestCase):
     def assertFailedWith(self, error: Exception, code: int) -> None:
         protocol, transport = self.negotiated()
-        self.router.endpoints[0].deferred.errback(error)
+        self.router.endpoints[0].d.errback(error)
         self.assertEqual(transport.value(), reply(code))
         self.assertTrue(transport.disconnecting)
         (event,) = self.events_with("failed")
@@ -336,7 +270,7 @@ class TimeoutTests(SocksTestCase):
 
     def test_no_timeout_once_relaying(self) -> None:
         protocol, transport = self.negotiated()
-        self.router.endpoints[0].succeed()
+        self.router.endpoints[0].accept()
         self.clock.advance(3600)
         self.assertFalse(transport.disconnecting)
 
@@ -345,7 +279,7 @@ class IdleTests(SocksTestCase):
     def test_relay_without_traffic_for_an_idle_period_is_closed(self) -> None:
         protocol, transport = self.negotiated()
         protocol.factory.idle_timeout = 100.0
-        far, far_transport = self.router.endpoints[0].succeed()
+        far, far_transport = self.router.endpoints[0].accept()
         self.clock.advance(99)
         protocol.dataReceived(b"ping")  # client -> backend traffic
         self.clock.advance(100)
@@ -409,7 +343,7 @@ class FrontEndLimitTests(SocksTestCase):
     def test_client_text_in_logs_has_its_control_characters_escaped(self) -> None:
         protocol, transport = self.client()
         protocol.dataReceived(greeting(0x80) + sap_auth(b"tok", "loc\r\nFAKE LINE") + connect_request("erp.internal", 1))
-        self.router.endpoints[0].deferred.errback(NoConnectorError("tenant-a", "loc\r\nFAKE LINE"))
+        self.router.endpoints[0].d.errback(NoConnectorError("tenant-a", "loc\r\nFAKE LINE"))
         (event,) = self.events_with("failed: {error}")
         self.assertEqual(event["location"], "loc\\x0d\\x0aFAKE LINE")
         self.assertNotIn("\n", event["error"])
@@ -427,5 +361,5 @@ class FrontEndLimitTests(SocksTestCase):
         protocol.dataReceived(b"last words")
         protocol.readConnectionLost()
         self.assertFalse(transport.disconnecting)
-        far, far_t = self.router.endpoints[0].succeed()
+        far, far_t = self.router.endpoints[0].accept()
         self.assertEqual((far_t.value(), far_t.write_closed), (b"last words", 1))
