@@ -33,13 +33,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import h11
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
     IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -176,7 +176,7 @@ class HttpBackend(H11Relay):
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Before ready: fail ``ready``. Idle: leave the pool. Serving: the stream learns (after h11 saw EOF)."""
         if not self.ready.called:
             self._lost = True
@@ -544,7 +544,7 @@ class HttpStreamServer(H11Relay):
         if stream is not None and not self._lost:
             self.gateway.reset(stream, code, reason[:200])
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """The stream ended: a reset (the proxy gave up) or a close before the exchange completed drops the
         backend connection."""
         if self.raw:

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -55,7 +56,7 @@ class BackendRelay(Relay):
         if not self.ready.called:
             self.ready.callback(self)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Before ready: fail ``ready`` (TLS refused); afterwards: close the stream side, and a backend connection
         that failed (not a clean close) resets the stream ``BACKEND_RESET`` (spec section 4)."""
         if not self.ready.called:

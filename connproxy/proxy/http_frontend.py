@@ -45,9 +45,8 @@ from typing import Any
 
 import h11
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -140,7 +139,7 @@ class UpstreamRelay(H11Relay):
             return
         super().dataReceived(data)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """The stream ended or was reset."""
         if self.raw:
             super().connectionLost(reason)
@@ -900,7 +899,7 @@ class HttpProxyProtocol(H11Relay):
         if self.transport is not None and not self._lost:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Cancel what is pending (an open in flight resets its stream), stop the timers, close the peer and free
         the connection's place in the front end's limits."""
         self.factory.release(self)

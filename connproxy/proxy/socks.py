@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -243,7 +244,7 @@ class Socks5Protocol(Relay):
             self._timer.cancel()
         self._timer = None
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Cancel a pending open (its stream is reset) and the timeout; close the relay peer; free the connection's
         place in the front end's limits."""
         self.factory.release(self)

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolFactory, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -133,7 +133,7 @@ class TunnelConnection(Protocol):
             self._dead_timer.cancel()
         self._dead_timer = None
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Fail pending opens, reset every stream (their relays abort) and stop the timers."""
         self.lost = True
         for timer in (self._handshake_timer, self._abort_timer, self._dead_timer, self._drain_timer):
