@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Callable
 from typing import Any
@@ -155,6 +156,31 @@ class _TunnelFactory(Factory):
         return tunnel
 
 
+class LinkState(enum.Enum):
+    """Where one connection loop to the proxy stands (:class:`ConnectorService`)."""
+
+    IDLE = "idle"  #: made, not started
+    CONNECTING = "connecting"  #: a TCP/TLS connection to the proxy is being made
+    HANDSHAKING = "handshaking"  #: connected; waiting for the proxy's HELLO
+    UP = "up"  #: the tunnel is established
+    BACKOFF = "backoff"  #: waiting to dial again
+    DRAINING = "draining"  #: stopping: tunnels finish their streams (``shutdown.drainTimeoutSeconds``)
+    STOPPED = "stopped"  #: stopped; :meth:`ConnectorService.startService` starts again
+
+
+#: The transitions a connection loop may make; anything else is a bug (logged, see ``ConnectorService._enter``).
+TRANSITIONS: dict[LinkState, frozenset[LinkState]] = {
+    LinkState.IDLE: frozenset({LinkState.CONNECTING, LinkState.STOPPED}),
+    LinkState.CONNECTING: frozenset({LinkState.HANDSHAKING, LinkState.BACKOFF, LinkState.DRAINING,
+                                     LinkState.STOPPED}),
+    LinkState.HANDSHAKING: frozenset({LinkState.UP, LinkState.BACKOFF, LinkState.DRAINING, LinkState.STOPPED}),
+    LinkState.UP: frozenset({LinkState.BACKOFF, LinkState.DRAINING, LinkState.STOPPED}),
+    LinkState.BACKOFF: frozenset({LinkState.CONNECTING, LinkState.DRAINING, LinkState.STOPPED}),
+    LinkState.DRAINING: frozenset({LinkState.STOPPED}),
+    LinkState.STOPPED: frozenset({LinkState.CONNECTING}),
+}
+
+
 class ConnectorService(Service):
     """Keeps one tunnel to the proxy up, forever.
 
@@ -200,12 +226,13 @@ class ConnectorService(Service):
         self.tunnel: ConnectorTunnel | None = None
         self._retry: IDelayedCall | None = None
         self._connecting: Deferred[Any] | None = None
-        self._stopping = False
+        #: The loop's state (:class:`LinkState`); :attr:`history` keeps the last transitions (for tests and logs).
+        self.state = LinkState.IDLE
+        self.history: list[LinkState] = [LinkState.IDLE]
         self._up_waiters: list[Deferred[ConnectorTunnel]] = []
         self.connections = 0
         #: Every tunnel connection not lost yet: the current one and those the proxy drains.
         self.tunnels: set[ConnectorTunnel] = set()
-        self.draining = False
         self.metrics = metrics if metrics is not None else ConnectorMetrics(lambda: list(self.tunnels))
 
     # ------------------------------------------------------------------ service
@@ -217,11 +244,30 @@ class ConnectorService(Service):
         install(parent, self.config.logging, self.reactor)
         super().setServiceParent(parent)
 
+    @property
+    def _stopping(self) -> bool:
+        return self.state in (LinkState.DRAINING, LinkState.STOPPED)
+
+    @property
+    def draining(self) -> bool:
+        """Whether the loop is stopping (or stopped): no new tunnels, readiness false."""
+        return self._stopping
+
+    def _enter(self, state: LinkState) -> None:
+        """Move to ``state``; a transition outside :data:`TRANSITIONS` is a bug, logged (the move still happens,
+        so that the connector keeps working)."""
+        if state is self.state:
+            return
+        if state not in TRANSITIONS[self.state]:
+            self.log.error("connector loop: unexpected transition {old} -> {new}", old=self.state.value,
+                           new=state.value)
+        self.state = state
+        self.history.append(state)
+        del self.history[:-32]
+
     def startService(self) -> None:
         """Dial now."""
         super().startService()
-        self._stopping = False
-        self.draining = False
         self._dial()
 
     def readiness(self) -> tuple[bool, str]:
@@ -238,8 +284,7 @@ class ConnectorService(Service):
         let streams finish for ``shutdown.drainTimeoutSeconds``, RESET the rest (their backend sockets are
         aborted), close. Fires once every tunnel closed (at most a few seconds past the deadline)."""
         super().stopService()
-        self._stopping = True
-        self.draining = True
+        self._enter(LinkState.DRAINING)
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         if self._connecting is not None:
@@ -247,6 +292,7 @@ class ConnectorService(Service):
         tunnels = [t for t in self.tunnels if not t.lost]
         if not tunnels:
             self._close_idle_backends()
+            self._enter(LinkState.STOPPED)
             return succeed(None)
         grace = float(self.config.shutdown.drain_timeout_seconds)
         self.log.info(
@@ -264,6 +310,7 @@ class ConnectorService(Service):
 
         def close_backends(result: object) -> object:
             self._close_idle_backends()
+            self._enter(LinkState.STOPPED)
             return result
 
         done.addBoth(close_backends)
@@ -287,8 +334,9 @@ class ConnectorService(Service):
 
     def _dial(self) -> None:
         self._retry = None
-        if self._stopping:
+        if not self.running:  # stopped (or draining: stopService cleared running)
             return
+        self._enter(LinkState.CONNECTING)
         if self.connections:
             self.metrics.reconnects.inc()
         self.connections += 1
@@ -311,6 +359,8 @@ class ConnectorService(Service):
         def connected(tunnel: ConnectorTunnel) -> None:
             self._connecting = None
             self.tunnel = tunnel
+            if not self._stopping:
+                self._enter(LinkState.HANDSHAKING)
 
         def failed(failure: Failure) -> None:
             self._connecting = None
@@ -334,6 +384,7 @@ class ConnectorService(Service):
             fast_retries=r.fast_retries, rng=self.rng,
         )
         self.log.info("retrying in {delay:.2f}s ({why})", delay=delay, why=why)
+        self._enter(LinkState.BACKOFF)
         self._retry = self.clock.callLater(delay, self._dial)
         if self.manager is not None:
             self.manager.dial_failed(self)
@@ -356,6 +407,8 @@ class ConnectorService(Service):
                 return
         self.tunnel = tunnel
         self.attempt = 0
+        if not self._stopping:
+            self._enter(LinkState.UP)
         self.metrics.tunnel_up(tunnel.replica_id)
         self.log.info(
             "tunnel established to proxy replica {replica} as {tunnel_id} location {location}",
@@ -373,6 +426,7 @@ class ConnectorService(Service):
             self.attempt = 0
             if self._retry is None and self._connecting is None:
                 # At once, but spread: every connector of a draining replica hears this GOAWAY at the same time.
+                self._enter(LinkState.BACKOFF)
                 self._retry = self.clock.callLater(
                     self.rng() * self.config.reconnect.initial_delay_seconds, self._dial
                 )

@@ -15,13 +15,14 @@ from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from connproxy.config import AccessRule, ConnectorConfig, connector_config_from_mapping
 from connproxy.connector.backend import reset_code_for
-from connproxy.connector.dialer import ConnectorService, ConnectorTunnel, backoff_delay
+from connproxy.connector.dialer import TRANSITIONS, ConnectorService, ConnectorTunnel, LinkState, backoff_delay
 from connproxy.connector.tcp import BackendDialer
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import (
@@ -309,6 +310,31 @@ class DialLoopTests(SynchronousTestCase):
         self.assertIn("same connectorId", tunnel.refusal)
         tunnel.connectionLost(Failure(ierror.ConnectionDone()))
         self.assertEqual(svc.attempt, 1)  # a backed-off retry, not an immediate dial
+
+    def test_the_loop_walks_its_state_machine(self) -> None:
+        """IDLE -> CONNECTING (refused) -> BACKOFF -> CONNECTING -> HANDSHAKING -> UP -> BACKOFF (lost) ->
+        CONNECTING -> DRAINING -> STOPPED; every step is in TRANSITIONS and nothing unexpected is logged."""
+        endpoints = EndpointFactory("fail", "ok", default="hang")
+        with capturedLogs() as events:
+            svc = self.service(endpoints)
+            self.reactor.advance(0.5)
+            tunnel = endpoints.built[1].protocol
+            self.assertIs(svc.state, LinkState.HANDSHAKING)
+            FakeProxy(tunnel).handshake()
+            self.assertIs(svc.state, LinkState.UP)
+            tunnel.connectionLost(Failure(ierror.ConnectionLost()))
+            self.assertIs(svc.state, LinkState.BACKOFF)
+            self.reactor.advance(0.5)
+            self.assertIs(svc.state, LinkState.CONNECTING)
+            self.successResultOf(svc.stopService())
+        self.assertEqual(svc.history, [
+            LinkState.IDLE, LinkState.CONNECTING, LinkState.BACKOFF, LinkState.CONNECTING, LinkState.HANDSHAKING,
+            LinkState.UP, LinkState.BACKOFF, LinkState.CONNECTING, LinkState.DRAINING, LinkState.STOPPED,
+        ])
+        for old, new in zip(svc.history, svc.history[1:], strict=False):
+            self.assertIn(new, TRANSITIONS[old])
+        self.assertFalse([e for e in events if "unexpected transition" in e.get("log_format", "")])
+        self.assertTrue(svc.draining)
 
     def test_stop_service_says_goaway_and_closes_the_idle_tunnel(self) -> None:
         endpoints = EndpointFactory("ok")
