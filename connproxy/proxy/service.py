@@ -56,7 +56,7 @@ class ProxyService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.registry = ConnectorRegistry()
+        self.registry = ConnectorRegistry(max_tunnels_per_identity=config.tunnel_listener.max_tunnels_per_identity)
         self.metrics = ProxyMetrics(self.registry)
         self.router = Router(self.registry, self.metrics)
         settings, timers = settings_from(config)
@@ -65,6 +65,7 @@ class ProxyService(MultiService):
         self.tunnel_factory = ProxyTunnelFactory(
             self.registry, reactor, settings, timers, replica_id=socket.gethostname(), audit_writer=audit_writer
         )
+        self.tunnel_factory.replaced_grace = float(config.shutdown.drain_timeout_seconds)
         listener = config.tunnel_listener
         self.tunnel_listener = Listener(
             "tunnel listener",

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from connproxy.obs import audit
 from connproxy.pki.certs import CertificateIdentityError
 from connproxy.pki.tls import peer_identity
-from connproxy.proxy.registry import ConnectorRegistry
+from connproxy.proxy.registry import ConnectorRegistry, TunnelLimitError
 from connproxy.tunnel.connection import TunnelConnection, TunnelTimers
 from connproxy.tunnel.settings import CAPABILITIES
 from connproxy.wire.errors import ErrorCode
@@ -71,7 +71,8 @@ class ProxyTunnel(TunnelConnection):
     def replaced(self) -> None:
         """A newer tunnel of the same connector took over: GOAWAY REPLACED, close once the streams are done."""
         self._registered = False
-        self.drain(ErrorCode.REPLACED, "replaced by a newer tunnel of the same connector")
+        self.drain(ErrorCode.REPLACED, "replaced by a newer tunnel of the same connector",
+                   grace=self.factory.replaced_grace)
 
     def drain(
         self, code: ErrorCode = ErrorCode.SHUTTING_DOWN, reason: str = "proxy shutting down",
@@ -204,6 +205,12 @@ class ProxyTunnel(TunnelConnection):
         self.tenant = identity.subaccount
         self.location = location
         self.connector_id = connector_id
+        try:
+            # The certificate identity: a certificate binding no location counts once over all locations.
+            self.factory.registry.register(self, identity=(identity.subaccount, identity.location))
+        except TunnelLimitError as e:
+            self._refuse(str(e), connector_id, identity.subaccount, peer, ErrorCode.TOO_MANY_TUNNELS)
+            return
         self.session.send_hello(
             {
                 "replica_id": self.factory.replica_id,
@@ -213,7 +220,6 @@ class ProxyTunnel(TunnelConnection):
         )
         self.handshake_done()
         self._flush(force=True)
-        self.factory.registry.register(self)
         self._registered = True
         self.log.info(
             "connector {connector_id} registered for subaccount {tenant} location {location} from {peer}",
@@ -224,7 +230,9 @@ class ProxyTunnel(TunnelConnection):
             writer=self.factory.audit_writer,
         )
 
-    def _refuse(self, reason: str, connector_id: str, tenant: str, peer: str) -> None:
+    def _refuse(
+        self, reason: str, connector_id: str, tenant: str, peer: str, code: ErrorCode = ErrorCode.AUTH_FAILED
+    ) -> None:
         self.log.warn(
             "tunnel handshake refused for connector {connector_id} from {peer}: {reason}",
             connector_id=connector_id, peer=peer, reason=reason,
@@ -233,7 +241,7 @@ class ProxyTunnel(TunnelConnection):
             False, tenant=tenant, connector_id=connector_id, location=None, reason=reason, peer=peer,
             writer=self.factory.audit_writer,
         )
-        self.fail(ErrorCode.AUTH_FAILED, reason)
+        self.fail(code, reason)
 
     def tunnel_lost(self, reason: Failure | None) -> None:
         """Deregister at once, so that a reconnecting connector is not refused or shadowed."""
@@ -265,6 +273,8 @@ class ProxyTunnelFactory(Factory):
         self.replica_id = replica_id
         self.audit_writer = audit_writer
         self.tunnels: set[ProxyTunnel] = set()
+        #: Seconds a replaced tunnel may keep draining its streams before it is closed (``None``: no limit).
+        self.replaced_grace: float | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> ProxyTunnel:
         """A new connection on the tunnel port."""

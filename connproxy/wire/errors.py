@@ -31,6 +31,7 @@ class ErrorCode(enum.IntEnum):
     REPLACED = 17
     KEEPALIVE_TIMEOUT = 18
     SHUTTING_DOWN = 19
+    TOO_MANY_TUNNELS = 23
 
     @classmethod
     def from_wire(cls, value: int) -> ErrorCode:
