@@ -81,6 +81,10 @@ class ProxyMetrics:
             "connproxy_client_connections_refused", "Application connections refused at accept (connection limits)",
             ["front_end", "limit"], registry=self.prometheus,
         )
+        self.stream_refusals = Counter(
+            "connproxy_stream_refusals", "Stream opens the proxy refused itself, by limit",
+            ["reason"], registry=self.prometheus,
+        )
         self.opening_timeouts = Counter(
             "connectivity_tunnel_opening_timeout_count", "Stream opens that timed out, by tunnel",
             ["tunnel_id"], registry=self.prometheus,

@@ -58,7 +58,8 @@ class ProxyService(MultiService):
         self.reactor = reactor
         self.registry = ConnectorRegistry(max_tunnels_per_identity=config.tunnel_listener.max_tunnels_per_identity)
         self.metrics = ProxyMetrics(self.registry)
-        self.router = Router(self.registry, self.metrics)
+        self.router = Router(self.registry, self.metrics,
+                             max_streams_per_tenant=config.tunnel_listener.max_streams_per_tenant)
         settings, timers = settings_from(config)
         cert, key, ca = resolve_tls_files(config.tunnel_listener.tls, proxy=True)
         options = tls.server_options_from_files(cert, key, ca)
