@@ -198,6 +198,14 @@ class TunnelListenerConfig:
     max_tunnels_per_identity: int = 4
     #: Streams open at once for one tenant, over all its tunnels.
     max_streams_per_tenant: int = 10_000
+    #: Connections to the tunnel port at once (tunnels, health checks, handshakes); further ones are closed at accept.
+    max_connections: int = 10_000
+    #: Connections from one source address to the tunnel port at once.
+    max_connections_per_client: int = 1_000
+    #: Connections still in their TLS handshake; at the limit the oldest of them is aborted for a new one.
+    max_pending_handshakes: int = 1_000
+    #: A connection that has not completed its TLS handshake this long after accept is aborted.
+    handshake_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -897,7 +905,9 @@ def proxy_config_from_mapping(
     )
     servers = root.section("servers", ("businessDataTunnel", "proxy"))
     bdt = servers.section("businessDataTunnel", ("port", "bindAddress", "externalHost", "externalPort", "tls",
-                                                 "maxTunnelsPerIdentity", "maxStreamsPerTenant"))
+                                                 "maxTunnelsPerIdentity", "maxStreamsPerTenant", "maxConnections",
+                                                 "maxConnectionsPerClient", "maxPendingHandshakes",
+                                                 "handshakeTimeoutSeconds"))
     tunnel_port = bdt.port("port", DEFAULT_TUNNEL_PORT, listener=True)
     listener = TunnelListenerConfig(
         port=tunnel_port,
@@ -910,6 +920,13 @@ def proxy_config_from_mapping(
                                              1, 1_000_000),
         max_streams_per_tenant=bdt.integer("maxStreamsPerTenant", TunnelListenerConfig.max_streams_per_tenant,
                                            1, 10_000_000),
+        max_connections=bdt.integer("maxConnections", TunnelListenerConfig.max_connections, 1, 1_000_000),
+        max_connections_per_client=bdt.integer("maxConnectionsPerClient",
+                                               TunnelListenerConfig.max_connections_per_client, 1, 1_000_000),
+        max_pending_handshakes=bdt.integer("maxPendingHandshakes", TunnelListenerConfig.max_pending_handshakes,
+                                           1, 1_000_000),
+        handshake_timeout_seconds=bdt.seconds("handshakeTimeoutSeconds",
+                                              TunnelListenerConfig.handshake_timeout_seconds),
     )
     proxy = servers.section("proxy", ("http", "socks5", "authorization", "clientConnection"))
     http = _parse_http(proxy)

@@ -27,6 +27,7 @@ from connproxy.proxy.metrics import MetricsResource, ProxyMetrics
 from connproxy.proxy.registry import ConnectorRegistry
 from connproxy.proxy.routing import Router
 from connproxy.proxy.socks import Socks5Factory
+from connproxy.proxy.tunnel_admission import TunnelAdmission
 from connproxy.proxy.tunnel_listener import ProxyTunnelFactory
 from connproxy.tunnel.settings import settings_from
 
@@ -68,11 +69,19 @@ class ProxyService(MultiService):
         )
         self.tunnel_factory.replaced_grace = float(config.shutdown.drain_timeout_seconds)
         listener = config.tunnel_listener
+        self.tunnel_admission = TunnelAdmission(
+            self.tunnel_factory, reactor,
+            max_connections=listener.max_connections,
+            max_connections_per_client=listener.max_connections_per_client,
+            max_pending_handshakes=listener.max_pending_handshakes,
+            handshake_timeout=listener.handshake_timeout_seconds,
+            metrics=self.metrics,
+        )
         self.tunnel_listener = Listener(
             "tunnel listener",
             SSL4ServerEndpoint(reactor, listener.port, options, backlog=config.client_connection.listen_backlog,
                                interface=listener.bind_address),
-            self.tunnel_factory,
+            self.tunnel_admission,
         )
         self.tunnel_listener.setServiceParent(self)
         oauth = config.oauth
