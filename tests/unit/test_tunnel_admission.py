@@ -90,14 +90,16 @@ class ConfigTests(SynchronousTestCase):
     def test_keys_and_defaults(self) -> None:
         from connproxy.config import ConfigError, proxy_config_from_mapping
 
-        default = proxy_config_from_mapping({}).tunnel_listener
+        trusted = {"enableProxyAuthorization": False}
+        base: dict[str, Any] = {"subaccountId": "tenant-a", "servers": {"proxy": {"http": trusted, "socks5": trusted}}}
+        default = proxy_config_from_mapping(base).tunnel_listener
         self.assertEqual((default.max_connections, default.max_connections_per_client, default.max_pending_handshakes,
                           default.handshake_timeout_seconds), (10_000, 1_000, 1_000, 10.0))
         bdt = {"maxConnections": 50, "maxConnectionsPerClient": 5, "maxPendingHandshakes": 7,
                "handshakeTimeoutSeconds": 2.5}
-        got = proxy_config_from_mapping({"servers": {"businessDataTunnel": bdt}}).tunnel_listener
+        got = proxy_config_from_mapping({**base, "servers": {**base["servers"], "businessDataTunnel": bdt}}).tunnel_listener
         self.assertEqual((got.max_connections, got.max_connections_per_client, got.max_pending_handshakes,
                           got.handshake_timeout_seconds), (50, 5, 7, 2.5))
         for key, bad in (("maxPendingHandshakes", 0), ("handshakeTimeoutSeconds", 0), ("maxConnections", "x")):
             with self.assertRaises(ConfigError):
-                proxy_config_from_mapping({"servers": {"businessDataTunnel": {key: bad}}})
+                proxy_config_from_mapping({**base, "servers": {**base["servers"], "businessDataTunnel": {key: bad}}})
