@@ -19,6 +19,7 @@ from connproxy.config import FrontEndConfig, ProxyConfig
 from connproxy.listener import Listener
 from connproxy.nodelay import NoDelaySite
 from connproxy.obs import audit
+from connproxy.obs.memory import MemoryTrimmer, interval_from_env
 from connproxy.pki import tls
 from connproxy.pki.state import resolve_tls_files
 from connproxy.proxy.auth import Authorizer, KeyStore, make_authorizer
@@ -141,6 +142,10 @@ class ProxyService(MultiService):
                 http_factory,
             )
             self.http_listener.setServiceParent(self)
+
+        # Freed stream buffers go back to the system after a wave of stalled streams (docs/reliability.md).
+        self.memory_trimmer = MemoryTrimmer(reactor, interval_from_env())
+        self.memory_trimmer.setServiceParent(self)
 
         self.metrics_listener: Listener | None = None
         if config.metrics.enabled:
