@@ -133,6 +133,7 @@ class Relay(Protocol):
         """Close the peer: gracefully after a clean close, by abort after an error."""
         self._lost = True
         self._backlog = []
+        _drop_write_buffer(self.transport)
         peer = self.peer
         if peer is None or peer._lost or peer.transport is None:
             return
@@ -145,6 +146,23 @@ class Relay(Protocol):
                 abort()
             else:
                 peer.transport.loseConnection()
+
+
+def _drop_write_buffer(transport: Any) -> None:
+    """Forget what a lost TCP transport still held for writing (up to the peer's window of a stalled reader).
+
+    Twisted keeps a lost transport's write buffer for as long as anything refers to the transport (a log event's
+    ``log_source``, a protocol kept for its counters), which turned every stalled download into MiB kept after it
+    ended (``bench/waves.py``, ``docs/reliability.md``).
+    """
+    if transport is None:
+        return
+    if isinstance(getattr(transport, "_tempDataBuffer", None), list):
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0
+    if isinstance(getattr(transport, "dataBuffer", None), bytes):
+        transport.dataBuffer = b""
+        transport.offset = 0
 
 
 def _unregister(transport: Any) -> None:

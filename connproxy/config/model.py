@@ -108,6 +108,14 @@ class TunnelListenerConfig:
     max_tunnels_per_identity: int = 4
     #: Streams open at once for one tenant, over all its tunnels.
     max_streams_per_tenant: int = 10_000
+    #: Connections to the tunnel port at once (tunnels, health checks, handshakes); further ones are closed at accept.
+    max_connections: int = 10_000
+    #: Connections from one source address to the tunnel port at once.
+    max_connections_per_client: int = 1_000
+    #: Connections still in their TLS handshake; at the limit the oldest of them is aborted for a new one.
+    max_pending_handshakes: int = 1_000
+    #: A connection that has not completed its TLS handshake this long after accept is aborted.
+    handshake_timeout_seconds: float = 10.0
     ingress: IngressListenerConfig = field(default_factory=IngressListenerConfig)
 
 

@@ -276,6 +276,16 @@ PROXY_KEYS: Final[tuple[Key, ...]] = (
                 "Tunnels one certificate identity (subaccount, location, connector id) may hold at once."),
             Key("maxStreamsPerTenant", Integer(1, 10_000_000), _LISTENER.max_streams_per_tenant,
                 "Streams open at once for one tenant, over all its tunnels."),
+            Key("maxConnections", Integer(1, 1_000_000), _LISTENER.max_connections,
+                "Connections to the tunnel port at once (tunnels, health checks, handshakes); further ones are "
+                "closed at accept."),
+            Key("maxConnectionsPerClient", Integer(1, 1_000_000), _LISTENER.max_connections_per_client,
+                "Connections from one source address to the tunnel port at once."),
+            Key("maxPendingHandshakes", Integer(1, 1_000_000), _LISTENER.max_pending_handshakes,
+                "Connections still in their TLS handshake; at the limit the oldest of them is aborted for a new "
+                "one."),
+            Key("handshakeTimeoutSeconds", Seconds(), _LISTENER.handshake_timeout_seconds,
+                "A connection that has not completed its TLS handshake this long after accept is aborted."),
             block(
                 "ingress", "A plain-HTTP tunnel listener behind an ingress that terminates TLS and forwards the "
                 "connector's client certificate (GET /healthcheck and the HTTP/1.1 Upgrade to the tunnel only).",
@@ -400,6 +410,10 @@ def build_proxy_config(data: Mapping[str, Any] | None, context: Context) -> Prox
         tls=read_tls(bdt, "clientCaFile"),
         max_tunnels_per_identity=bdt.get("maxTunnelsPerIdentity"),
         max_streams_per_tenant=bdt.get("maxStreamsPerTenant"),
+        max_connections=bdt.get("maxConnections"),
+        max_connections_per_client=bdt.get("maxConnectionsPerClient"),
+        max_pending_handshakes=bdt.get("maxPendingHandshakes"),
+        handshake_timeout_seconds=bdt.get("handshakeTimeoutSeconds"),
         ingress=IngressListenerConfig(
             enabled=ingress.get("enabled"),
             port=ingress.get("port"),

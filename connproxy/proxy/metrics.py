@@ -133,6 +133,14 @@ class ProxyMetrics:
             "connproxy_client_connections_refused", "Application connections refused at accept (connection limits)",
             ["front_end", "limit"], registry=self.prometheus,
         )
+        self.stream_refusals = Counter(
+            "connproxy_stream_refusals", "Stream opens the proxy refused itself, by limit",
+            ["reason"], registry=self.prometheus,
+        )
+        self.tunnel_handshakes_aborted = Counter(
+            "connproxy_tunnel_handshakes_aborted", "Tunnel-port connections aborted in their TLS handshake, by reason",
+            ["reason"], registry=self.prometheus,
+        )
         self.opening_timeouts = Counter(
             "connectivity_tunnel_opening_timeout_count", "Stream opens that timed out, by tunnel",
             ["tunnel_id"], registry=self.prometheus,

@@ -10,7 +10,13 @@ from __future__ import annotations
 from twisted.python.failure import Failure
 
 from connproxy.http.headers import escape_controls
-from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, TunnelLostError
+from connproxy.tunnel.errors import (
+    NoConnectorError,
+    OpenTimeoutError,
+    StreamRefusedError,
+    TenantStreamLimitError,
+    TunnelLostError,
+)
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.socks5 import Reply
 
@@ -56,7 +62,13 @@ _HTTP_BY_CODE = {
 
 
 def socks_reply_for(failure: Failure) -> Reply:
-    """The SOCKS5 reply code for a failed open (SAP's meanings, ``sap-connectivity-proxy.md`` 2.3)."""
+    """The SOCKS5 reply code for a failed open (SAP's meanings, ``sap-connectivity-proxy.md`` 2.3).
+
+    The tenant's stream limit is 0x01 "general failure": SAP's 0x03 means "connector not connected / location not
+    found", which would send an operator looking at the wrong thing (``docs/reliability.md``).
+    """
+    if failure.check(TenantStreamLimitError):
+        return Reply.GENERAL_FAILURE
     if failure.check(NoConnectorError, TunnelLostError):
         return Reply.NETWORK_UNREACHABLE
     if failure.check(OpenTimeoutError):
@@ -67,8 +79,9 @@ def socks_reply_for(failure: Failure) -> Reply:
 
 
 def http_status_for(failure: Failure) -> int:
-    """The HTTP status for a failed open: 503 no connector, 403 denied, 504 timeouts, else 502."""
-    if failure.check(NoConnectorError, TunnelLostError):
+    """The HTTP status for a failed open: 503 no connector or the tenant's stream limit, 403 denied, 504
+    timeouts, else 502."""
+    if failure.check(NoConnectorError, TunnelLostError, TenantStreamLimitError):
         return 503
     if failure.check(OpenTimeoutError):
         return 504
@@ -106,6 +119,8 @@ def _open_failure_text(failure: Failure, target: str) -> str:
         if text is not None:
             return text.format(target=target)
         return f"bad gateway: the connector could not serve system {target} ({error.code.name})"
+    if isinstance(error, TenantStreamLimitError):
+        return f"service unavailable: {error}"
     status = http_status_for(failure)
     if status == 503:
         return str(error)

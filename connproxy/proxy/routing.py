@@ -3,7 +3,9 @@
 
 The front ends (SOCKS5, HTTP) only ever see an endpoint: ``router.endpoint(...).connect(factory)`` fires with
 the protocol connected to a stream through the least loaded connector for the key, or fails with
-:class:`~connproxy.tunnel.errors.NoConnectorError` (no connector), ``StreamRefusedError`` (the connector said
+:class:`~connproxy.tunnel.errors.NoConnectorError` (no connector), ``TenantStreamLimitError`` (the tenant has
+``servers.businessDataTunnel.maxStreamsPerTenant`` streams open over all its tunnels already; counted in
+``connproxy_stream_refusals_total{reason="max_streams_per_tenant"}``), ``StreamRefusedError`` (the connector said
 no), ``OpenTimeoutError`` or ``TunnelLostError``.
 """
 
@@ -13,12 +15,19 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from connproxy.proxy.metrics import ProxyMetrics
 from connproxy.proxy.registry import ConnectorRegistry
-from connproxy.tunnel.errors import NoConnectorError, OpenTimeoutError, StreamRefusedError, TunnelLostError
+from connproxy.tunnel.errors import (
+    NoConnectorError,
+    OpenTimeoutError,
+    StreamRefusedError,
+    TenantStreamLimitError,
+    TunnelLostError,
+)
 from connproxy.wire.errors import ErrorCode
 from connproxy.wire.events import OpenRequest
 
@@ -37,12 +46,14 @@ class TunnelEndpoint:
         location: str,
         request: OpenRequest,
         metrics: ProxyMetrics | None = None,
+        limits: StreamLimits | None = None,
     ) -> None:
         self.registry = registry
         self.tenant = tenant
         self.location = location
         self.request = request
         self.metrics = metrics
+        self.limits = limits
 
     #: How many other tunnels an open refused with REFUSED_STREAM (not processed) is retried on.
     max_retries = 2
@@ -50,10 +61,18 @@ class TunnelEndpoint:
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         """Open a stream; see the module docstring for the failures.
 
-        A stream the connector did not process (RESET ``REFUSED_STREAM``: draining, too many streams, or past a
-        GOAWAY's last stream ID) is retried at once on another routable tunnel of the same (tenant, location), at
-        most :attr:`max_retries` times; the protocol factory is only used once a stream is accepted.
+        The tenant's stream limit is checked once, before the first attempt (a refused open fails with
+        :class:`TenantStreamLimitError` and no tunnel is asked). A stream the connector did not process (RESET
+        ``REFUSED_STREAM``: draining, too many streams, or past a GOAWAY's last stream ID) is retried at once on
+        another routable tunnel of the same (tenant, location), at most :attr:`max_retries` times; the protocol
+        factory is only used once a stream is accepted.
         """
+        refused = self.limits.check(self.tenant) if self.limits is not None else None
+        if refused is not None:
+            d: Deferred[IProtocol] = fail(refused)
+            if self.metrics is not None:
+                d.addBoth(self._count, None)
+            return d
         return self._attempt(protocolFactory, [])
 
     def _attempt(self, protocolFactory: IProtocolFactory, tried: list[Any]) -> Deferred[IProtocol]:
@@ -97,6 +116,8 @@ class TunnelEndpoint:
 def _outcome(failure: Failure) -> str:
     if failure.check(NoConnectorError):
         return "no_connector"
+    if failure.check(TenantStreamLimitError):
+        return "max_streams_per_tenant"
     if failure.check(StreamRefusedError):
         return str(failure.value.code.name).lower()  # type: ignore[union-attr]
     if failure.check(OpenTimeoutError):
@@ -106,12 +127,61 @@ def _outcome(failure: Failure) -> str:
     return "error"
 
 
-class Router:
-    """Hands out tunnel endpoints for the front ends."""
+class StreamLimits:
+    """``maxStreamsPerTenant``: refuses an open when the tenant's live tunnels carry that many streams already.
 
-    def __init__(self, registry: ConnectorRegistry, metrics: ProxyMetrics | None = None) -> None:
+    A refusal is counted in ``connproxy_stream_refusals_total{reason="max_streams_per_tenant"}``; a warning is
+    logged when a tenant reaches the limit and an info line when it opens streams again (with the count refused
+    in between), so a flood of refusals writes two lines, not one per refusal.
+    """
+
+    log = Logger()
+
+    def __init__(self, registry: ConnectorRegistry, max_streams_per_tenant: int,
+                 metrics: ProxyMetrics | None = None) -> None:
+        self.registry = registry
+        self.max_streams_per_tenant = max_streams_per_tenant
+        self.metrics = metrics
+        #: Tenants at their limit now, with the number of opens refused since they reached it.
+        self.refusing: dict[str, int] = {}
+
+    def check(self, tenant: str) -> TenantStreamLimitError | None:
+        """The refusal for a new stream of ``tenant``, or ``None`` when it is within the limit."""
+        open_streams = self.registry.tenant_streams(tenant)
+        limit = self.max_streams_per_tenant
+        if open_streams < limit:
+            refused = self.refusing.pop(tenant, None)
+            if refused is not None:
+                self.log.info(
+                    "subaccount {tenant} is below maxStreamsPerTenant={limit} again after {refused} refused "
+                    "stream(s)", tenant=tenant, limit=limit, refused=refused,
+                )
+            return None
+        if self.metrics is not None:
+            self.metrics.stream_refusals.labels("max_streams_per_tenant").inc()
+        if tenant not in self.refusing:
+            self.refusing[tenant] = 0
+            self.log.warn(
+                "subaccount {tenant} reached maxStreamsPerTenant={limit} ({open} streams open): refusing new "
+                "streams", tenant=tenant, limit=limit, open=open_streams,
+            )
+        self.refusing[tenant] += 1
+        return TenantStreamLimitError(tenant, open_streams, limit)
+
+
+class Router:
+    """Hands out tunnel endpoints for the front ends.
+
+    :param max_streams_per_tenant: streams one tenant may have open over all its tunnels (``None``: no limit).
+    """
+
+    def __init__(self, registry: ConnectorRegistry, metrics: ProxyMetrics | None = None,
+                 max_streams_per_tenant: int | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.limits = (
+            StreamLimits(registry, max_streams_per_tenant, metrics) if max_streams_per_tenant is not None else None
+        )
 
     def endpoint(
         self,
@@ -127,4 +197,5 @@ class Router:
         meta = dict(meta or {})
         meta.setdefault("tenant", tenant)
         meta.setdefault("location", location)
-        return TunnelEndpoint(self.registry, tenant, location, OpenRequest(host, port, kind, meta), self.metrics)
+        return TunnelEndpoint(self.registry, tenant, location, OpenRequest(host, port, kind, meta), self.metrics,
+                              self.limits)

@@ -27,6 +27,7 @@ from connproxy import reload
 from connproxy.config import FrontEndConfig, ProxyConfig, verify_proxy_config_file
 from connproxy.listener import Listener
 from connproxy.obs import audit
+from connproxy.obs.memory import MemoryTrimmer, interval_from_env
 from connproxy.pki import tls
 from connproxy.pki.state import resolve_tls_files
 from connproxy.probes import metrics_site
@@ -38,6 +39,7 @@ from connproxy.proxy.registry import ConnectorRegistry
 from connproxy.proxy.replicas import read_client_cas, replica_set_for
 from connproxy.proxy.routing import Router
 from connproxy.proxy.socks import Socks5Factory
+from connproxy.proxy.tunnel_admission import TunnelAdmission
 from connproxy.proxy.tunnel_listener import ProxyTunnelFactory
 from connproxy.tunnel.settings import settings_from
 from connproxy.wire.errors import ErrorCode
@@ -90,7 +92,7 @@ class ProxyService(MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.registry = ConnectorRegistry()
+        self.registry = ConnectorRegistry(max_tunnels_per_identity=config.tunnel_listener.max_tunnels_per_identity)
         self.metrics = ProxyMetrics(self.registry, clock=reactor.seconds)
         self.draining = False
         self.config_path: str | None = None
@@ -99,7 +101,8 @@ class ProxyService(MultiService):
         self._allow_insecure_loopback = allow_insecure_loopback
         #: The front ends' factories by metric label (``socks5``, ``http``), for reloads.
         self.front_ends: dict[str, tuple[FrontEndConfig, FrontEndFactory]] = {}
-        self.router = Router(self.registry, self.metrics)
+        self.router = Router(self.registry, self.metrics,
+                             max_streams_per_tenant=config.tunnel_listener.max_streams_per_tenant)
         settings, timers = settings_from(config)
         cert, key, ca = resolve_tls_files(config.tunnel_listener.tls, proxy=True)
         options = tls.server_options_from_files(cert, key, ca)
@@ -110,15 +113,24 @@ class ProxyService(MultiService):
             replicas=self.replicas, ingress=listener.ingress if listener.ingress.enabled else None,
             client_cas=read_client_cas(ca),
         )
+        self.tunnel_factory.replaced_grace = float(config.shutdown.drain_timeout_seconds)
         self.tunnel_factory.on_stream_finished = self.metrics.bytes.stream_finished
         self.metrics.bytes.live = lambda: [s for t in list(self.tunnel_factory.tunnels) for s in t.streams.values()]
         if discovery is not None:
             discovery.setServiceParent(self)
+        self.tunnel_admission = TunnelAdmission(
+            self.tunnel_factory, reactor,
+            max_connections=listener.max_connections,
+            max_connections_per_client=listener.max_connections_per_client,
+            max_pending_handshakes=listener.max_pending_handshakes,
+            handshake_timeout=listener.handshake_timeout_seconds,
+            metrics=self.metrics,
+        )
         self.tunnel_listener = Listener(
             "tunnel listener",
             SSL4ServerEndpoint(reactor, listener.port, options, backlog=config.client_connection.listen_backlog,
                                interface=listener.bind_address),
-            self.tunnel_factory,
+            self.tunnel_admission,
             config_key="servers.businessDataTunnel.port",
         )
         self.tunnel_listener.setServiceParent(self)
@@ -191,6 +203,10 @@ class ProxyService(MultiService):
             )
             self.http_listener.setServiceParent(self)
             self.front_ends["http"] = (http, http_factory)
+
+        # Freed stream buffers go back to the system after a wave of stalled streams (docs/reliability.md).
+        self.memory_trimmer = MemoryTrimmer(reactor, interval_from_env())
+        self.memory_trimmer.setServiceParent(self)
 
         self.metrics_listener: Listener | None = None
         if config.metrics.enabled:

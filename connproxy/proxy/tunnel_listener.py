@@ -28,7 +28,7 @@ from connproxy.config import IngressListenerConfig
 from connproxy.obs import audit
 from connproxy.pki.certs import CertificateIdentityError, ConnectorIdentity
 from connproxy.pki.tls import peer_identity
-from connproxy.proxy.registry import ConnectorRegistry
+from connproxy.proxy.registry import ConnectorRegistry, TunnelLimitError
 from connproxy.proxy.replicas import ReplicaSet
 from connproxy.proxy.upgrade import UPGRADE_TOKEN, decide_upgrade, is_upgrade_request
 from connproxy.tunnel.connection import TunnelConnection, TunnelTimers
@@ -87,7 +87,8 @@ class ProxyTunnel(TunnelConnection):
     def replaced(self) -> None:
         """A newer tunnel of the same connector took over: GOAWAY REPLACED, close once the streams are done."""
         self._registered = False
-        self.drain(ErrorCode.REPLACED, "replaced by a newer tunnel of the same connector")
+        self.drain(ErrorCode.REPLACED, "replaced by a newer tunnel of the same connector",
+                   grace=self.factory.replaced_grace)
 
     def drain(
         self, code: ErrorCode = ErrorCode.SHUTTING_DOWN, reason: str = "proxy shutting down",
@@ -263,6 +264,12 @@ class ProxyTunnel(TunnelConnection):
         self.tenant = identity.subaccount
         self.location = location
         self.connector_id = connector_id
+        try:
+            # The certificate identity: a certificate binding no location counts once over all locations.
+            self.factory.registry.register(self, identity=(identity.subaccount, identity.location))
+        except TunnelLimitError as e:
+            self._refuse(str(e), connector_id, identity.subaccount, peer, ErrorCode.TOO_MANY_TUNNELS)
+            return
         reply: dict[str, Any] = {
             "replica_id": self.factory.replica_id,
             "tunnel_id": self.tunnel_id,
@@ -274,7 +281,6 @@ class ProxyTunnel(TunnelConnection):
         self.session.send_hello(reply)
         self.handshake_done()
         self._flush(force=True)
-        self.factory.registry.register(self)
         self._registered = True
         self.log.info(
             "connector {connector_id} registered for subaccount {tenant} location {location} from {peer}",
@@ -285,7 +291,9 @@ class ProxyTunnel(TunnelConnection):
             writer=self.factory.audit_writer,
         )
 
-    def _refuse(self, reason: str, connector_id: str, tenant: str, peer: str) -> None:
+    def _refuse(
+        self, reason: str, connector_id: str, tenant: str, peer: str, code: ErrorCode = ErrorCode.AUTH_FAILED
+    ) -> None:
         self.log.warn(
             "tunnel handshake refused for connector {connector_id} from {peer}: {reason}",
             connector_id=connector_id, peer=peer, reason=reason,
@@ -294,7 +302,7 @@ class ProxyTunnel(TunnelConnection):
             False, tenant=tenant, connector_id=connector_id, location=None, reason=reason, peer=peer,
             writer=self.factory.audit_writer,
         )
-        self.fail(ErrorCode.AUTH_FAILED, reason)
+        self.fail(code, reason)
 
     def stream_finished(self, stream: TunnelStream) -> None:
         """Forget ``stream`` and hand it to the factory's ``on_stream_finished`` (the byte counters)."""
@@ -344,6 +352,8 @@ class ProxyTunnelFactory(Factory):
         self.ingress = ingress
         #: The connector CAs, to check forwarded certificates.
         self.client_cas = client_cas or []
+        #: Seconds a replaced tunnel may keep draining its streams before it is closed (``None``: no limit).
+        self.replaced_grace: float | None = None
         if replicas is not None:
             self.replica_id = replicas.me.name
             replicas.add_listener(self._replicas_changed)

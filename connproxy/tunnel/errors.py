@@ -21,6 +21,20 @@ class NoConnectorError(TunnelOpenError):
         self.location = location
 
 
+class TenantStreamLimitError(TunnelOpenError):
+    """The tenant already has ``limit`` streams open over its tunnels (``maxStreamsPerTenant``): refused by the
+    proxy before any tunnel is asked."""
+
+    def __init__(self, tenant: str, open_streams: int, limit: int) -> None:
+        super().__init__(
+            f"subaccount {tenant} has {open_streams} streams open, the limit is "
+            f"servers.businessDataTunnel.maxStreamsPerTenant={limit}"
+        )
+        self.tenant = tenant
+        self.open_streams = open_streams
+        self.limit = limit
+
+
 class StreamRefusedError(TunnelOpenError):
     """The connector refused the stream with a RESET ``code`` (access denied, backend unreachable ...)."""
 

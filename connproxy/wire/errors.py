@@ -34,6 +34,7 @@ class ErrorCode(enum.IntEnum):
     CONTROL_BACKLOG = 20
     HANDSHAKE_TIMEOUT = 21
     STREAM_STALLED = 22
+    TOO_MANY_TUNNELS = 23
 
     @classmethod
     def from_wire(cls, value: int) -> ErrorCode:

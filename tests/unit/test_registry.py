@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from connproxy.proxy.registry import ConnectorRegistry
+from connproxy.proxy.registry import ConnectorRegistry, TunnelLimitError
 
 
 @dataclass(eq=False)
@@ -125,3 +125,89 @@ class ReplacementTests(SynchronousTestCase):
         self.assertIsNone(self.registry.pick("tenant-a", "loc-1"))
         self.registry.unregister(t)  # twice: still harmless
         self.assertEqual(self.registry.count(), 0)
+
+
+class IdentityLimitTests(SynchronousTestCase):
+    """``maxTunnelsPerIdentity``: the certificate identity, not the connector id, is what is counted."""
+
+    ID = ("tenant-a", None)  # a certificate binding no location
+
+    def setUp(self) -> None:
+        self.registry = ConnectorRegistry(max_tunnels_per_identity=2)
+
+    def test_distinct_connector_ids_beyond_the_limit_are_refused(self) -> None:
+        a, b, c = FakeTunnel("c1"), FakeTunnel("c2"), FakeTunnel("c3")
+        self.registry.register(a, identity=self.ID)
+        self.registry.register(b, identity=self.ID)
+        with self.assertRaises(TunnelLimitError) as caught:
+            self.registry.register(c, identity=self.ID)
+        self.assertIn("maxTunnelsPerIdentity=2", str(caught.exception))
+        self.assertEqual((caught.exception.held, caught.exception.limit), (2, 2))
+        # Nothing changed: the refused tunnel is not routable, the others are untouched.
+        self.assertCountEqual(self.registry.tunnels(), [a, b])
+        self.assertEqual([a.replaced_calls, b.replaced_calls], [0, 0])
+        self.assertEqual(self.registry.identity_count(self.ID), 2)
+
+    def test_other_locations_of_an_unbound_certificate_count_together(self) -> None:
+        self.registry.register(FakeTunnel("c1", location="loc-1"), identity=self.ID)
+        self.registry.register(FakeTunnel("c1", location="loc-2"), identity=self.ID)
+        with self.assertRaises(TunnelLimitError):
+            self.registry.register(FakeTunnel("c1", location="loc-3"), identity=self.ID)
+
+    def test_other_identities_have_their_own_count(self) -> None:
+        for cid in ("c1", "c2"):
+            self.registry.register(FakeTunnel(cid), identity=self.ID)
+        bound = FakeTunnel("c9", location="loc-9")
+        self.registry.register(bound, identity=("tenant-a", "loc-9"))
+        other_tenant = FakeTunnel("c1", tenant="tenant-b")
+        self.registry.register(other_tenant, identity=("tenant-b", None))
+        self.assertEqual(self.registry.count(), 4)
+
+    def test_reconnect_of_the_same_connector_at_the_limit_replaces(self) -> None:
+        old, other = FakeTunnel("c1"), FakeTunnel("c2")
+        self.registry.register(old, identity=self.ID)
+        self.registry.register(other, identity=self.ID)
+        new = FakeTunnel("c1")
+        self.registry.register(new, identity=self.ID)  # not refused: it takes old's place
+        self.assertEqual(old.replaced_calls, 1)
+        self.assertCountEqual(self.registry.tunnels(), [other, new])
+        self.assertEqual(self.registry.identity_count(self.ID), 2)
+        self.registry.unregister(old)  # its connectionLost, later: frees nothing twice
+        self.assertEqual(self.registry.identity_count(self.ID), 2)
+        with self.assertRaises(TunnelLimitError):
+            self.registry.register(FakeTunnel("c3"), identity=self.ID)
+
+    def test_a_closed_tunnel_frees_its_place(self) -> None:
+        a, b = FakeTunnel("c1"), FakeTunnel("c2")
+        self.registry.register(a, identity=self.ID)
+        self.registry.register(b, identity=self.ID)
+        self.registry.unregister(a)
+        c = FakeTunnel("c3")
+        self.registry.register(c, identity=self.ID)
+        self.assertCountEqual(self.registry.tunnels(), [b, c])
+
+    def test_without_identity_or_limit_nothing_is_counted(self) -> None:
+        unlimited = ConnectorRegistry()
+        for n in range(10):
+            unlimited.register(FakeTunnel(f"c{n}"), identity=self.ID)
+            self.registry.register(FakeTunnel(f"x{n}"))
+        self.assertEqual(unlimited.count(), 10)
+        self.assertEqual(self.registry.count(), 10)
+
+
+class TenantStreamTests(SynchronousTestCase):
+    def test_streams_of_live_tunnels_of_the_tenant_are_summed(self) -> None:
+        registry = ConnectorRegistry()
+        a = FakeTunnel("c1", load=3)
+        b = FakeTunnel("c2", location="loc-1", load=4)
+        other = FakeTunnel("c1", tenant="tenant-b", load=100)
+        for t in (a, b, other):
+            registry.register(t)
+        self.assertEqual(registry.tenant_streams("tenant-a"), 7)
+        # A replaced tunnel still draining keeps counting until it closes.
+        newer = FakeTunnel("c1", load=1)
+        registry.register(newer)
+        self.assertEqual(registry.tenant_streams("tenant-a"), 8)
+        registry.unregister(a)
+        self.assertEqual(registry.tenant_streams("tenant-a"), 5)
+        self.assertEqual(registry.tenant_streams("nobody"), 0)

@@ -9,7 +9,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from connproxy.proxy.registry import ConnectorRegistry
 from connproxy.proxy.routing import Router
-from connproxy.tunnel.errors import StreamRefusedError
+from connproxy.tunnel.errors import StreamRefusedError, TenantStreamLimitError
 from connproxy.wire.errors import ErrorCode
 
 
@@ -84,3 +84,37 @@ def test_retries_are_bounded() -> None:
     assert result.value.code is ErrorCode.REFUSED_STREAM
     assert sum(t.opens for t in tunnels) == 1 + Router(registry).endpoint(
         tenant="t", location="", host="h", port=1).max_retries
+
+
+def test_tenant_limit_is_checked_once_before_the_first_attempt() -> None:
+    registry = ConnectorRegistry()
+    draining = FakeTunnel("a", StreamRefusedError(ErrorCode.REFUSED_STREAM, "not processed"), load=0)
+    good_protocol = Protocol()
+    good = FakeTunnel("b", good_protocol, load=5)
+    registry.register(draining)
+    registry.register(good)
+    registry.tenant_streams = lambda tenant: 0  # type: ignore[method-assign]
+    router = Router(registry, max_streams_per_tenant=1)
+    assert router.limits is not None
+    checks: list[str] = []
+    check = router.limits.check
+    router.limits.check = lambda tenant: checks.append(tenant) or check(tenant)  # type: ignore[method-assign]
+    results: list[Any] = []
+    router.endpoint(tenant="t", location="", host="h", port=1).connect(
+        Factory.forProtocol(Protocol)).addBoth(results.append)
+    assert results == [good_protocol]
+    assert checks == ["t"]  # the retry on the second tunnel did not check again
+    assert (draining.opens, good.opens) == (1, 1)
+
+
+def test_tenant_at_its_limit_asks_no_tunnel() -> None:
+    registry = ConnectorRegistry()
+    good = FakeTunnel("b", Protocol())
+    registry.register(good)
+    registry.tenant_streams = lambda tenant: 1  # type: ignore[method-assign]
+    results: list[Any] = []
+    Router(registry, max_streams_per_tenant=1).endpoint(tenant="t", location="", host="h", port=1).connect(
+        Factory.forProtocol(Protocol)).addBoth(results.append)
+    (result,) = results
+    assert result.check(TenantStreamLimitError)
+    assert good.opens == 0

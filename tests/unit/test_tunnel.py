@@ -904,3 +904,51 @@ class DeferredHygieneTests(SynchronousTestCase):
         failure = self.failureResultOf(d, StreamRefusedError)
         self.assertEqual(failure.value.code, ErrorCode.CANCEL)
         self.assertEqual(pair.proxy.streams, {})
+
+
+class TunnelsPerIdentityTests(SynchronousTestCase):
+    """``maxTunnelsPerIdentity`` in the handshake: GOAWAY ``TOO_MANY_TUNNELS``, audited; reconnects still replace."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.audit: list[str] = []
+        self.factory = ProxyTunnelFactory(
+            ConnectorRegistry(max_tunnels_per_identity=2), self.clock, settings=SMALL, timers=TIMERS,
+            replica_id="proxy-0", audit_writer=self.audit.append,
+        )
+
+    def pair(self, connector_id: str, location: str = "loc-1") -> TunnelPair:
+        return TunnelPair(self.clock, self.factory,
+                          hello={"connector_id": connector_id, "subaccount": "tenant-a", "location": location})
+
+    def test_third_connector_id_of_one_certificate_is_refused(self) -> None:
+        first, second = self.pair("c1"), self.pair("c2", location="loc-2")
+        self.assertTrue(first.proxy.routable and second.proxy.routable)
+        third = self.pair("c3", location="loc-3")
+        self.assertEqual([g.code for g in third.dialer.goaways], [ErrorCode.TOO_MANY_TUNNELS])
+        self.assertIn("maxTunnelsPerIdentity=2", third.dialer.goaways[0].reason)
+        self.assertTrue(third.proxy.lost and third.dialer.lost)
+        self.assertFalse(third.dialer.session.ready)
+        self.assertIsNone(self.factory.registry.pick("tenant-a", "loc-3"))
+        self.assertEqual(self.factory.registry.count(), 2)
+        self.assertIn("tunnel handshake failure", self.audit[-1])
+        self.assertIn("maxTunnelsPerIdentity", self.audit[-1])
+        self.assertIn("c3", self.audit[-1])
+        self.assertFalse(first.proxy.lost or second.proxy.lost)
+
+    def test_reconnect_at_the_limit_replaces_the_stale_tunnel(self) -> None:
+        self.factory.replaced_grace = 7.0
+        first, second = self.pair("c1"), self.pair("c2")
+        stream = first.relayed_stream()  # keeps the replaced tunnel draining
+        again = self.pair("c1")
+        self.assertTrue(again.proxy.routable)
+        self.assertEqual(again.dialer.goaways, [])
+        first.flush()
+        self.assertEqual([g.code for g in first.dialer.goaways], [ErrorCode.REPLACED])
+        self.assertCountEqual(self.factory.registry.tunnels(), [second.proxy, again.proxy])
+        self.assertFalse(first.proxy.lost)
+        # The replaced tunnel's streams get ``replaced_grace`` seconds, then it is closed.
+        first.advance(7.5)
+        self.assertTrue(first.proxy.lost)
+        self.assertIsNotNone(stream)
+        self.assertFalse(again.proxy.lost or second.proxy.lost)
