@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_reload -*-
+# -*- test-case-name: tests.unit.test_lifecycle -*-
 """Live reload and process signals, for both roles.
 
 * :func:`changed_keys` compares two configurations (frozen dataclasses) and names what changed by its YAML key

@@ -44,6 +44,8 @@ class FakeEndpoint:
         self.kwargs = kwargs
         self.cancelled = False
         self.factory: Any = None
+        #: The early bytes and FIN the front end handed to ``connect`` (sent behind the OPEN by a real tunnel).
+        self.early: tuple[bytes, bool] = (b"", False)
         self.deferred: Deferred[Any] = Deferred(self._cancelled)
 
     @property
@@ -55,14 +57,22 @@ class FakeEndpoint:
         self.cancelled = True
         self.router.cancelled.append(self.kwargs)
 
-    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+    def connect(self, factory: IProtocolFactory, early: bytes = b"", early_fin: bool = False) -> Deferred[Any]:
         self.factory = factory
+        self.early = (early, early_fin)
         return self.deferred
 
     def accept(self, transport: HalfCloseTransport | None = None) -> tuple[Any, HalfCloseTransport]:
-        """The stream is open: build the stream side, connect it to ``transport`` (a fake stream), fire."""
+        """The stream is open: build the stream side, connect it to ``transport`` (a fake stream), fire. Early
+        bytes given to ``connect`` are in the transport first (and its write side closed after them when the
+        FIN went with them), as a real tunnel stream would have sent them."""
         protocol = self.factory.buildProtocol(None)
         transport = transport or HalfCloseTransport()
+        early, fin = self.early
+        if early:
+            transport.write(early)
+        if fin:
+            transport.loseWriteConnection()
         transport.protocol = protocol
         protocol.makeConnection(transport)
         self.deferred.callback(protocol)

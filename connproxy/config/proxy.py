@@ -273,7 +273,8 @@ PROXY_KEYS: Final[tuple[Key, ...]] = (
                     "the development PKI minted into the state folder (not for production).",
                     "clientCaFile", "PEM CA certificate(s) that sign connector client certificates."),
             Key("maxTunnelsPerIdentity", Integer(1, 1_000_000), _LISTENER.max_tunnels_per_identity,
-                "Tunnels one certificate identity (subaccount, location, connector id) may hold at once."),
+                "Tunnels one certificate identity may hold at once: its subaccount and the location it binds (or "
+                "none); not the connector id, which the certificate holder chooses in the HELLO."),
             Key("maxStreamsPerTenant", Integer(1, 10_000_000), _LISTENER.max_streams_per_tenant,
                 "Streams open at once for one tenant, over all its tunnels."),
             Key("maxConnections", Integer(1, 1_000_000), _LISTENER.max_connections,

@@ -109,6 +109,14 @@ class UpstreamRelay(H11Relay):
         """Serialize a request event into the stream."""
         send_event(self.conn, self.transport, event)
 
+    def whole_request(self, request: ProxyRequest) -> bytes:
+        """Serialize ``request`` (a request without a body) and its end now, before there is a stream: the
+        bytes go with the OPEN (early data). h11 moves to waiting for the response, as after :meth:`send`."""
+        head = self.conn.send(forwarded_request(request))
+        end = self.conn.send(h11.EndOfMessage())
+        assert head is not None and end is not None
+        return head + end
+
     def handle_event(self, event: h11.Event) -> None:
         """Pass a response event to the client side."""
         assert self.front is not None
@@ -152,6 +160,17 @@ class UpstreamRelay(H11Relay):
 
 
 # ---------------------------------------------------------------------------------------------------- exchange
+
+
+def forwarded_request(request: ProxyRequest) -> h11.Request:
+    """The request as it goes into the stream (origin-form target, the headers the proxy keeps).
+
+    Method, target and every header come from the request h11 parsed (and validated) from the client, or are
+    built from its validated parts (the Host of an absolute-form target): ``_parsed`` spares validating each header
+    again (h11 still checks the framing headers, Host, method and target).
+    """
+    return h11.Request(method=request.method, target=request.path.encode("ascii", "replace"),
+                       headers=request.headers, _parsed=True)
 
 
 class Phase(Enum):
@@ -209,6 +228,9 @@ class _Exchange:
     #: connection's one wake-up call (:meth:`HttpProxyProtocol._wake_up`) instead of a timer per request.
     first_byte_deadline: float | None = None
     body_bytes: int = 0
+    #: The whole request (head, no body) went with the OPEN as early data, with the FIN unless it asks for an
+    #: upgrade: nothing is written into the stream after ACCEPT.
+    early: bool = False
 
     def to(self, phase: Phase) -> None:
         """Move to ``phase``.
@@ -566,11 +588,17 @@ class HttpProxyProtocol(H11Relay):
             kind=request.kind, meta=meta,
         )
         if request.connect:
-            factory = RelayFactory(self, _TunnelSide)
+            d = endpoint.connect(RelayFactory(self, _TunnelSide))
         else:
-            max_header = self.factory.max_header_bytes
-            factory = RelayFactory(self, lambda peer: UpstreamRelay(peer, max_header))
-        d = endpoint.connect(factory)
+            upstream = UpstreamRelay(self, self.factory.max_header_bytes)
+            factory = RelayFactory(self, lambda peer: upstream)
+            if ex.has_body:
+                d = endpoint.connect(factory)
+            else:
+                # No body: the whole request is known now and travels with the OPEN (one tunnel round trip and
+                # one write less per request); the FIN too, unless the backend may switch protocols.
+                ex.early = True
+                d = endpoint.connect(factory, upstream.whole_request(request), early_fin=request.upgrade is None)
         ex.pending = d
         d.addCallbacks(self._connected, self._open_failed, callbackArgs=(ex,), errbackArgs=(ex,))
         d.addErrback(self._bug, ex)
@@ -607,11 +635,8 @@ class HttpProxyProtocol(H11Relay):
             return
         upstream: UpstreamRelay = protocol
         ex.upstream = upstream
-        # Method, target and every header come from the request h11 parsed (and validated) from the client, or
-        # are built from its validated parts (the Host of an absolute-form target): ``_parsed`` spares
-        # validating each header again (h11 still checks the framing headers, Host, method and target).
-        upstream.send(h11.Request(method=request.method, target=request.path.encode("ascii", "replace"),
-                                  headers=request.headers, _parsed=True))
+        if not ex.early:
+            upstream.send(forwarded_request(request))
         if self._request_complete():
             self._end_request(ex)
         else:
@@ -647,9 +672,10 @@ class HttpProxyProtocol(H11Relay):
         upstream, request = ex.upstream, ex.request
         assert upstream is not None and request is not None
         ex.stop_timer()
-        upstream.send(h11.EndOfMessage())
-        if request.upgrade is None and upstream.transport is not None:
-            upstream.transport.loseWriteConnection()  # type: ignore[attr-defined]
+        if not ex.early:  # else the end (and the FIN) went with the OPEN
+            upstream.send(h11.EndOfMessage())
+            if request.upgrade is None and upstream.transport is not None:
+                upstream.transport.loseWriteConnection()  # type: ignore[attr-defined]
         if ex.phase in (Phase.ROUTING, Phase.SENDING):
             ex.to(Phase.WAITING)
             ex.first_byte_deadline = self.factory.clock.seconds() + self.factory.first_byte_timeout

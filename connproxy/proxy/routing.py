@@ -58,8 +58,13 @@ class TunnelEndpoint:
     #: How many other tunnels an open refused with REFUSED_STREAM (not processed) is retried on.
     max_retries = 2
 
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+    def connect(self, protocolFactory: IProtocolFactory, early: bytes = b"",
+                early_fin: bool = False) -> Deferred[IProtocol]:
         """Open a stream; see the module docstring for the failures.
+
+        ``early`` (and ``early_fin``): the stream's first bytes, sent right behind the OPEN instead of after the
+        ACCEPT (one tunnel round trip less; see ``TunnelConnection.open_stream``); the protocol the factory builds
+        must not write them again. A retried open sends them again on the other tunnel.
 
         The tenant's stream limit is checked once, before the first attempt (a refused open fails with
         :class:`TenantStreamLimitError` and no tunnel is asked). A stream the connector did not process (RESET
@@ -73,7 +78,10 @@ class TunnelEndpoint:
             if self.metrics is not None:
                 d.addBoth(self._count, None)
             return d
+        self._early = (early, early_fin)
         return self._attempt(protocolFactory, [])
+
+    _early: tuple[bytes, bool] = (b"", False)
 
     def _attempt(self, protocolFactory: IProtocolFactory, tried: list[Any]) -> Deferred[IProtocol]:
         tunnel: Any = self.registry.pick(self.tenant, self.location)
@@ -83,7 +91,7 @@ class TunnelEndpoint:
         else:
             if self.metrics is not None and not tried:  # a retry is part of the first attempt's open
                 started = self.metrics.open_started()
-            d = tunnel.open_stream(self.request, protocolFactory)
+            d = tunnel.open_stream(self.request, protocolFactory, *self._early)
             if len(tried) < self.max_retries:
                 d.addErrback(self._retry, protocolFactory, tried + [tunnel])
         if self.metrics is not None and not tried:

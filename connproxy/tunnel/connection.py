@@ -346,8 +346,15 @@ class TunnelConnection(Protocol):
 
     # ------------------------------------------------------------------ streams we open
 
-    def open_stream(self, request: OpenRequest, factory: IProtocolFactory) -> Deferred[Protocol]:
+    def open_stream(self, request: OpenRequest, factory: IProtocolFactory, early: bytes = b"",
+                    early_fin: bool = False) -> Deferred[Protocol]:
         """Open a stream to ``request``'s target; fire with the protocol ``factory`` built once ACCEPT arrives.
+
+        ``early`` is the stream's first bytes, and ``early_fin`` says the sender's direction ends after them: when
+        the connector announced ``early-data`` they travel right behind the OPEN, in the same write (spec section
+        3.2: no round trip waits for ACCEPT), else they are sent at ACCEPT, before the protocol is connected.
+        Either way the protocol must not write them again. Refused or retried opens lose nothing: the caller
+        still has the bytes.
 
         Fails with :class:`StreamRefusedError` (RESET), :class:`OpenTimeoutError` or :class:`TunnelLostError`.
         Cancelling the Deferred resets the stream with ``CANCEL``.
@@ -358,7 +365,12 @@ class TunnelConnection(Protocol):
             stream_id = self.session.open_stream(request)
         except OpenTooLargeError as e:
             return fail(StreamRefusedError(ErrorCode.FRAME_SIZE_ERROR, str(e)))
-        self.streams[stream_id] = TunnelStream(self, stream_id, request)
+        stream = self.streams[stream_id] = TunnelStream(self, stream_id, request)
+        if early or early_fin:
+            if self.session.peer_supports("early-data"):
+                stream.send_first(early, early_fin)
+            else:
+                stream.first_bytes = (early, early_fin)
 
         def cancel(d: Deferred[Protocol]) -> None:
             entry = self._opening.pop(stream_id, None)
@@ -393,6 +405,8 @@ class TunnelConnection(Protocol):
             return
         d, factory, timer = entry
         timer.cancel()
+        if stream.first_bytes is not None:
+            stream.send_first(*stream.first_bytes)
         try:
             protocol = factory.buildProtocol(self.peer_address())
             if protocol is not None:

@@ -66,6 +66,7 @@ class TunnelStream:
         "_reading_paused",
         "_unacked",
         "_early",
+        "first_bytes",
         "_stall_timer",
         "_probe_timer",
         "disconnecting",
@@ -89,6 +90,8 @@ class TunnelStream:
         self._reading_paused = False
         self._unacked = 0
         self._early: list[bytes] | None = None
+        #: Bytes (and FIN) to send at ACCEPT, ahead of the protocol: early data for a peer without ``early-data``.
+        self.first_bytes: tuple[bytes, bool] | None = None
         self._stall_timer: IDelayedCall | None = None
         self._probe_timer: IDelayedCall | None = None
         self.disconnecting = False
@@ -119,6 +122,14 @@ class TunnelStream:
                 self._deliver(chunk)
         if self._remote_fin and not self._closed:
             self._notify_read_closed()
+
+    def send_first(self, data: bytes, fin: bool) -> None:
+        """Send the stream's first bytes (and FIN) before any protocol is connected: the opener's early data
+        (:meth:`TunnelConnection.open_stream`). Bytes beyond the credit wait like any write."""
+        self.first_bytes = None
+        self.write(data)
+        if fin:
+            self.loseWriteConnection()
 
     # ------------------------------------------------------------------ events from the connection
 

@@ -244,6 +244,11 @@ class Session:
         """True once both HELLOs have been exchanged: streams may be opened."""
         return self._hello_sent and self.peer_hello is not None
 
+    def peer_supports(self, capability: str) -> bool:
+        """Whether the peer's HELLO announced ``capability`` (spec section 3.1); False before its HELLO."""
+        capabilities = self.peer_hello.get("capabilities", ()) if self.peer_hello is not None else ()
+        return capability in capabilities
+
     @property
     def open_streams(self) -> int:
         """How many streams are open (in either direction)."""

@@ -166,6 +166,34 @@ def test_absolute_form_request_is_routed_cleaned_and_answered_with_keep_alive() 
     assert one(c.take())[2] == b"two"
 
 
+def test_a_request_without_body_goes_whole_with_the_open_and_nothing_follows_the_accept() -> None:
+    c = Client()
+    c.send(GET + b"\r\n")
+    (endpoint,) = c.router.endpoints
+    early, fin = endpoint.early
+    events = requests_in(early)
+    assert isinstance(events[0], h11.Request) and events[0].target == b"/api/x?y=1"
+    assert isinstance(events[1], h11.EndOfMessage) and fin  # head, end and FIN before any ACCEPT
+    upstream, stream = endpoint.accept()
+    assert stream.value() == early  # the double put the early bytes there: the front end wrote nothing more
+    answer(stream, upstream)
+    assert one(c.take())[0] == 200
+    # A request with a body opens first and streams the body after the ACCEPT; an upgrade keeps the stream open.
+    c.send(b"POST http://erp.internal/up HTTP/1.1\r\nHost: erp.internal\r\nContent-Length: 2\r\n\r\nhi")
+    assert c.router.endpoints[1].early == (b"", False)
+    c.send(b"")
+    _, stream2 = c.router.endpoints[1].accept()
+    assert requests_in(stream2.value())[-1] == h11.EndOfMessage()
+
+
+def test_an_upgrade_request_goes_with_the_open_without_the_fin() -> None:
+    c = Client()
+    c.send(b"GET http://ws.internal/ws HTTP/1.1\r\nHost: ws.internal\r\nConnection: Upgrade\r\n"
+           b"Upgrade: websocket\r\n\r\n")
+    early, fin = c.router.endpoints[0].early
+    assert early.startswith(b"GET /ws HTTP/1.1\r\n") and not fin
+
+
 def test_pipelined_requests_wait_for_the_previous_answer() -> None:
     c = Client()
     c.send(GET + b"\r\n" + b"GET http://b.internal/ HTTP/1.1\r\nHost: b.internal\r\n\r\n")

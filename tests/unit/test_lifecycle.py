@@ -286,7 +286,7 @@ class ProxyMetricsTests(SynchronousTestCase):
             def replaced(self) -> None:
                 pass
 
-            def open_stream(self, request: Any, factory: Any) -> Deferred[Any]:
+            def open_stream(self, request: Any, factory: Any, early: bytes = b"", early_fin: bool = False) -> Deferred[Any]:
                 return answer
 
         registry = ConnectorRegistry()

@@ -28,7 +28,7 @@ class FakeTunnel:
     def replaced(self) -> None:
         pass
 
-    def open_stream(self, request: Any, factory: Any) -> Deferred[Any]:
+    def open_stream(self, request: Any, factory: Any, early: bytes = b"", early_fin: bool = False) -> Deferred[Any]:
         if isinstance(self.result, Exception):
             return fail(self.result)
         return succeed(Protocol())

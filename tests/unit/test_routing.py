@@ -28,7 +28,7 @@ class FakeTunnel:
     def replaced(self) -> None:
         self.routable = False
 
-    def open_stream(self, request: Any, factory: Any) -> Deferred[Protocol]:
+    def open_stream(self, request: Any, factory: Any, early: bytes = b"", early_fin: bool = False) -> Deferred[Protocol]:
         self.opens += 1
         if isinstance(self.answer, Exception):
             self.routable = False  # a tunnel that refuses (GOAWAY) is no longer routable

@@ -34,7 +34,8 @@ class FakeTunnel:
     def replaced(self) -> None:
         self.routable = False
 
-    def open_stream(self, request: OpenRequest, factory: Any) -> Deferred[Protocol]:
+    def open_stream(self, request: OpenRequest, factory: Any, early: bytes = b"",
+                    early_fin: bool = False) -> Deferred[Protocol]:
         self.opened.append(request)
         return Deferred()
 

@@ -17,12 +17,14 @@ from OpenSSL import crypto
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from connproxy.pki.certs import ConnectorIdentity
 from connproxy.proxy import tunnel_listener as server_module
@@ -361,7 +363,7 @@ class KeepaliveTests(SynchronousTestCase):
         pair = TunnelPair()
         self.assertIsNone(pair.proxy.rtt)
         pair.clock.advance(TIMERS.ping_interval - 0.1)
-        self.assertNotIn(f.FrameType.PING, types_of(decode(pair.proxy_io.stream)))
+        self.assertNotIn(f.FrameType.PING, types_of(decode(self.written)))
         pair.clock.advance(0.1)
         for io in (pair.proxy_io, pair.dialer_io):
             pings = [fr for fr in decode(io.stream) if fr.frame_type == f.FrameType.PING]
@@ -372,7 +374,7 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertAlmostEqual(pair.proxy.rtt, 0.25)
         self.assertAlmostEqual(pair.dialer.rtt, 0.25)
         pair.clock.advance(TIMERS.ping_interval - 0.25)
-        self.assertIn(f.FrameType.PING, types_of(decode(pair.proxy_io.stream)))
+        self.assertIn(f.FrameType.PING, types_of(decode(self.written)))
         pair.clock.advance(0.5)
         pair.flush()
         self.assertAlmostEqual(pair.proxy.rtt, 0.5)
@@ -554,10 +556,10 @@ class FlowControlTests(SynchronousTestCase):
         self.assertTrue(pair.proxy.congested)
         s.client.dataReceived(b"held back")
         self.assertEqual(s.client_t.producerState, "paused")
-        self.assertNotIn(f.FrameType.DATA, types_of(decode(pair.proxy_io.stream)))
+        self.assertNotIn(f.FrameType.DATA, types_of(decode(self.written)))
         # Control frames still go out while congested.
         pair.clock.advance(TIMERS.ping_interval)
-        self.assertEqual(types_of(decode(pair.proxy_io.stream)), [f.FrameType.PING])
+        self.assertEqual(types_of(decode(self.written)), [f.FrameType.PING])
         pair.flush()
         self.assertEqual(s.backend_t.value(), b"")
         pair.proxy.resumeProducing()
@@ -952,3 +954,83 @@ class TunnelsPerIdentityTests(SynchronousTestCase):
         self.assertTrue(first.proxy.lost)
         self.assertIsNotNone(stream)
         self.assertFalse(again.proxy.lost or second.proxy.lost)
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseRecorder(Recorder):
+    """A :class:`Recorder` that keeps writing after the peer's FIN (a request/response server)."""
+
+    read_closed = False
+
+    def readConnectionLost(self) -> None:
+        self.read_closed = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class EarlyDataTests(SynchronousTestCase):
+    """``open_stream(..., early, early_fin)``: the first bytes travel with the OPEN when the peer announced
+    ``early-data`` (spec section 3.2), else at ACCEPT; either way they arrive once, in order, before later writes."""
+
+    def open_with_early(self, pair: TunnelPair) -> Deferred[Protocol]:
+        """Open with early bytes and FIN; from now on every write of the proxy end is kept in ``self.written``."""
+        self.written: list[bytes] = []
+        write = pair.proxy_io.write
+
+        def keep(data: bytes) -> None:
+            self.written.append(data)
+            write(data)
+
+        pair.proxy_io.write = keep  # type: ignore[method-assign]
+        return pair.proxy.open_stream(TARGET, Factory.forProtocol(Recorder), b"GET / HTTP/1.1\r\n\r\n", True)
+
+    def test_early_bytes_and_fin_follow_the_open_in_the_same_flight(self) -> None:
+        pair = TunnelPair(hello={**HELLO, "capabilities": ["half-close", "early-data"]})
+        d = self.open_with_early(pair)
+        frames = decode(self.written)  # written before any ACCEPT came back
+        self.assertEqual(types_of(frames), [f.FrameType.OPEN, f.FrameType.DATA, f.FrameType.DATA])
+        self.assertEqual(frames[1].payload, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(frames[2].flags & f.FLAG_FIN, f.FLAG_FIN)
+        pair.flush()
+        remote = HalfCloseRecorder()
+        pair.dialer.accept(pair.dialer.opened[0], remote)
+        pair.flush()
+        self.assertEqual(remote.received, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(remote.read_closed)
+        proto = self.successResultOf(d)
+        self.assertIsInstance(proto, Recorder)
+        remote.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        pair.flush()
+        self.assertEqual(proto.received, b"HTTP/1.1 200 OK\r\n\r\n")
+
+    def test_without_the_capability_the_bytes_wait_for_the_accept(self) -> None:
+        pair = TunnelPair(hello={**HELLO, "capabilities": ["half-close"]})
+        self.assertFalse(pair.proxy.session.peer_supports("early-data"))
+        d = self.open_with_early(pair)
+        self.assertEqual(types_of(decode(self.written)), [f.FrameType.OPEN])
+        pair.flush()
+        self.assertEqual(pair.dialer.opened[0].request, TARGET)
+        self.written.clear()
+        remote = HalfCloseRecorder()
+        pair.dialer.accept(pair.dialer.opened[0], remote)
+        pair.flush()
+        proto = self.successResultOf(d)
+        proto.transport.write(b"later")  # after the FIN: dropped by the stream, never sent ahead of the early bytes
+        pair.flush()
+        self.assertEqual(remote.received, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertTrue(remote.read_closed)
+        frames = decode(self.written)
+        self.assertEqual(types_of(frames)[:2], [f.FrameType.DATA, f.FrameType.DATA])
+        self.assertEqual(frames[1].flags & f.FLAG_FIN, f.FLAG_FIN)
+
+    def test_refused_open_drops_the_early_bytes_with_the_stream(self) -> None:
+        pair = TunnelPair(hello={**HELLO, "capabilities": ["half-close"]})
+        d = self.open_with_early(pair)
+        pair.flush()
+        stream = pair.dialer.opened[0]
+        pair.dialer.reset_stream(stream.stream_id, ErrorCode.REFUSED_STREAM, "busy")
+        stream.reset(ErrorCode.REFUSED_STREAM, "busy")
+        pair.flush()
+        self.failureResultOf(d, StreamRefusedError)
+        self.assertEqual(pair.proxy.streams, {})
