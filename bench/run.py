@@ -571,6 +571,8 @@ def main() -> int:
     missing = {tool: package for tool, (package, found) in TOOLS.items() if tool in without or not found()}
     for tool, package in missing.items():
         print(f"missing: {tool} (apt-get install {package}); its scenarios are skipped")
+    if args.py_spy and not (shutil.which("py-spy") or (BIN / "py-spy").exists()):
+        parser.error("--py-spy needs py-spy: .venv/bin/pip install py-spy (nothing is installed for you)")
     use_ssh = not (args.smoke or args.no_ssh or "ssh" in missing or "sshd" in missing)
     wanted = set(args.only.split(",")) if args.only else {s.name for s in SCENARIOS}
     unknown = wanted - {s.name for s in SCENARIOS}
