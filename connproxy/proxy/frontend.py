@@ -5,7 +5,7 @@ the connection limits checked at accept (``servers.proxy.clientConnection.maxCon
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Required, TypedDict
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
@@ -42,6 +42,18 @@ def set_no_delay(transport: Any) -> None:
         setter(True)
     except OSError:  # pragma: no cover - a socket closed under us
         pass
+
+
+class FrontEndOptions(TypedDict, total=False):
+    """The keyword arguments every front end's factory takes, passed through by the subclasses
+    (``**common: Unpack[FrontEndOptions]``); :class:`FrontEndFactory` describes each."""
+
+    authorization_enabled: Required[bool]
+    idle_timeout: float
+    max_connections: int
+    max_connections_per_client: int
+    metrics: Any
+    audit_writer: audit.AuditWriter | None
 
 
 class FrontEndFactory(Factory):

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Unpack
 
 import h11
 from twisted.internet.defer import CancelledError, Deferred
@@ -62,7 +62,7 @@ from connproxy.http.headers import (
 )
 from connproxy.obs import audit
 from connproxy.proxy.auth import AuthError
-from connproxy.proxy.frontend import Authorizing, FrontEndFactory, set_no_delay
+from connproxy.proxy.frontend import Authorizing, FrontEndFactory, FrontEndOptions, set_no_delay
 from connproxy.proxy.http_request import (
     ProxyRequest,
     RequestRules,
@@ -999,23 +999,15 @@ class HttpProxyFactory(FrontEndFactory):
         authorizer: Authorizing,
         clock: IReactorTime,
         *,
-        authorization_enabled: bool,
         allow_connect: bool = True,
         max_line_bytes: int = 8192,
         max_header_bytes: int = 65536,
         header_timeout: float = 30.0,
         body_timeout: float = 60.0,
         first_byte_timeout: float = 120.0,
-        idle_timeout: float = 3600.0,
-        max_connections: int = 10_000,
-        max_connections_per_client: int = 1_000,
-        metrics: Any = None,
-        audit_writer: audit.AuditWriter | None = None,
+        **common: Unpack[FrontEndOptions],
     ) -> None:
-        super().__init__(router, authorizer, clock, authorization_enabled=authorization_enabled,
-                         idle_timeout=idle_timeout, max_connections=max_connections,
-                         max_connections_per_client=max_connections_per_client, metrics=metrics,
-                         audit_writer=audit_writer)
+        super().__init__(router, authorizer, clock, **common)
         self.rules = RequestRules(max_line_bytes=max_line_bytes, max_header_bytes=max_header_bytes,
                                   allow_connect=allow_connect)
         self.allow_connect = allow_connect

@@ -32,7 +32,7 @@ from connproxy.pki import tls
 from connproxy.pki.state import resolve_tls_files
 from connproxy.probes import metrics_site
 from connproxy.proxy.auth import AuthError, Authorizer, KeyStore, make_authorizer
-from connproxy.proxy.frontend import FrontEndFactory
+from connproxy.proxy.frontend import FrontEndFactory, FrontEndOptions
 from connproxy.proxy.http_frontend import HttpProxyFactory
 from connproxy.proxy.metrics import ProxyMetrics
 from connproxy.proxy.registry import ConnectorRegistry
@@ -157,18 +157,25 @@ class ProxyService(MultiService):
             )
         self.socks_listener: Listener | None = None
         self.http_listener: Listener | None = None
-        if config.socks5.enabled:
-            fe = config.socks5
-            authorizer = self.authorizer_for(fe, "socks5")
-            factory = Socks5Factory(
-                self.router, authorizer, reactor,
-                authorization_enabled=fe.enable_proxy_authorization,
-                handshake_timeout=float(config.client_connection.handshake_timeout_seconds),
+
+        def common(authorization_enabled: bool) -> FrontEndOptions:
+            """What both front ends' factories take alike, with whether this one requires a token."""
+            return FrontEndOptions(
+                authorization_enabled=authorization_enabled,
                 idle_timeout=float(config.client_connection.idle_timeout_seconds),
                 max_connections=config.client_connection.max_connections,
                 max_connections_per_client=config.client_connection.max_connections_per_client,
                 metrics=self.metrics,
                 audit_writer=audit_writer,
+            )
+
+        if config.socks5.enabled:
+            fe = config.socks5
+            authorizer = self.authorizer_for(fe, "socks5")
+            factory = Socks5Factory(
+                self.router, authorizer, reactor,
+                handshake_timeout=float(config.client_connection.handshake_timeout_seconds),
+                **common(fe.enable_proxy_authorization),
             )
             self.socks_listener = Listener(
                 "SOCKS5 proxy",
@@ -182,18 +189,13 @@ class ProxyService(MultiService):
             http = config.http
             http_factory = HttpProxyFactory(
                 self.router, self.authorizer_for(http, "http"), reactor,
-                authorization_enabled=http.enable_proxy_authorization,
                 allow_connect=http.allow_connect,
                 max_line_bytes=http.max_line_bytes,
                 max_header_bytes=http.max_header_bytes,
                 header_timeout=float(config.client_connection.handshake_timeout_seconds),
-                idle_timeout=float(config.client_connection.idle_timeout_seconds),
                 first_byte_timeout=float(config.client_connection.first_byte_timeout_seconds),
                 body_timeout=float(config.client_connection.body_timeout_seconds),
-                max_connections=config.client_connection.max_connections,
-                max_connections_per_client=config.client_connection.max_connections_per_client,
-                metrics=self.metrics,
-                audit_writer=audit_writer,
+                **common(http.enable_proxy_authorization),
             )
             self.http_listener = Listener(
                 "HTTP proxy",

@@ -12,7 +12,7 @@ token; 0x03 when no connector serves (tenant, location); 0x02 when the connector
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from connproxy.http.headers import escape_controls
 from connproxy.obs import audit
-from connproxy.proxy.frontend import Authorizing, FrontEndFactory, set_no_delay
+from connproxy.proxy.frontend import Authorizing, FrontEndFactory, FrontEndOptions, set_no_delay
 from connproxy.proxy.replies import socks_reply_for
 from connproxy.proxy.routing import Router
 from connproxy.relay import Relay, RelayFactory, describe_transport
@@ -273,19 +273,11 @@ class Socks5Factory(FrontEndFactory):
         authorizer: Authorizing,
         clock: IReactorTime,
         *,
-        authorization_enabled: bool,
         handshake_timeout: float = 30.0,
-        idle_timeout: float = 3600.0,
         max_token_bytes: int = 65536,
-        max_connections: int = 10_000,
-        max_connections_per_client: int = 1_000,
-        metrics: Any = None,
-        audit_writer: audit.AuditWriter | None = None,
+        **common: Unpack[FrontEndOptions],
     ) -> None:
-        super().__init__(router, authorizer, clock, authorization_enabled=authorization_enabled,
-                         idle_timeout=idle_timeout, max_connections=max_connections,
-                         max_connections_per_client=max_connections_per_client, metrics=metrics,
-                         audit_writer=audit_writer)
+        super().__init__(router, authorizer, clock, **common)
         self.handshake_timeout = handshake_timeout
         self.max_token_bytes = max_token_bytes
 
