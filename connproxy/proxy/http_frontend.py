@@ -109,13 +109,14 @@ class UpstreamRelay(H11Relay):
         """Serialize a request event into the stream."""
         send_event(self.conn, self.transport, event)
 
-    def whole_request(self, request: ProxyRequest) -> bytes:
-        """Serialize ``request`` (a request without a body) and its end now, before there is a stream: the
-        bytes go with the OPEN (early data). h11 moves to waiting for the response, as after :meth:`send`."""
-        head = self.conn.send(forwarded_request(request))
-        end = self.conn.send(h11.EndOfMessage())
-        assert head is not None and end is not None
-        return head + end
+    def early_bytes(self, request: ProxyRequest, whole: bool) -> bytes:
+        """Serialize ``request``'s head now, before there is a stream, and with ``whole`` (a request without a
+        body) its end too: the bytes go with the OPEN (early data). h11's state moves on as after :meth:`send`."""
+        data = self.conn.send(forwarded_request(request))
+        if whole:
+            data = (data or b"") + (self.conn.send(h11.EndOfMessage()) or b"")
+        assert data
+        return data
 
     def handle_event(self, event: h11.Event) -> None:
         """Pass a response event to the client side."""
@@ -229,7 +230,8 @@ class _Exchange:
     first_byte_deadline: float | None = None
     body_bytes: int = 0
     #: The whole request (head, no body) went with the OPEN as early data, with the FIN unless it asks for an
-    #: upgrade: nothing is written into the stream after ACCEPT.
+    #: upgrade: nothing is written into the stream after ACCEPT. (The head of a request with a body goes early
+    #: too; its body, end and FIN follow the ACCEPT.)
     early: bool = False
 
     def to(self, phase: Phase) -> None:
@@ -590,15 +592,14 @@ class HttpProxyProtocol(H11Relay):
         if request.connect:
             d = endpoint.connect(RelayFactory(self, _TunnelSide))
         else:
+            # The head travels with the OPEN (one tunnel round trip and one write less per request); without a body
+            # the whole request does, and the FIN too unless the backend may switch protocols. A body waits for
+            # the ACCEPT (the connector's decision comes first: spec 7.2).
             upstream = UpstreamRelay(self, self.factory.max_header_bytes)
-            factory = RelayFactory(self, lambda peer: upstream)
-            if ex.has_body:
-                d = endpoint.connect(factory)
-            else:
-                # No body: the whole request is known now and travels with the OPEN (one tunnel round trip and
-                # one write less per request); the FIN too, unless the backend may switch protocols.
-                ex.early = True
-                d = endpoint.connect(factory, upstream.whole_request(request), early_fin=request.upgrade is None)
+            ex.early = not ex.has_body
+            d = endpoint.connect(RelayFactory(self, lambda peer: upstream),
+                                 upstream.early_bytes(request, whole=ex.early),
+                                 early_fin=ex.early and request.upgrade is None)
         ex.pending = d
         d.addCallbacks(self._connected, self._open_failed, callbackArgs=(ex,), errbackArgs=(ex,))
         d.addErrback(self._bug, ex)
@@ -634,9 +635,7 @@ class HttpProxyProtocol(H11Relay):
             self._start_tunnel(ex, protocol)
             return
         upstream: UpstreamRelay = protocol
-        ex.upstream = upstream
-        if not ex.early:
-            upstream.send(forwarded_request(request))
+        ex.upstream = upstream  # its head went with the OPEN
         if self._request_complete():
             self._end_request(ex)
         else:

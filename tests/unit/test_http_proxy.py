@@ -166,7 +166,7 @@ def test_absolute_form_request_is_routed_cleaned_and_answered_with_keep_alive() 
     assert one(c.take())[2] == b"two"
 
 
-def test_a_request_without_body_goes_whole_with_the_open_and_nothing_follows_the_accept() -> None:
+def test_the_request_head_goes_with_the_open_and_without_a_body_nothing_follows_the_accept() -> None:
     c = Client()
     c.send(GET + b"\r\n")
     (endpoint,) = c.router.endpoints
@@ -178,12 +178,13 @@ def test_a_request_without_body_goes_whole_with_the_open_and_nothing_follows_the
     assert stream.value() == early  # the double put the early bytes there: the front end wrote nothing more
     answer(stream, upstream)
     assert one(c.take())[0] == 200
-    # A request with a body opens first and streams the body after the ACCEPT; an upgrade keeps the stream open.
+    # A request with a body: its head goes with the OPEN, without the FIN; the body follows the ACCEPT.
     c.send(b"POST http://erp.internal/up HTTP/1.1\r\nHost: erp.internal\r\nContent-Length: 2\r\n\r\nhi")
-    assert c.router.endpoints[1].early == (b"", False)
-    c.send(b"")
+    head, fin = c.router.endpoints[1].early
+    assert head.startswith(b"POST /up HTTP/1.1\r\n") and head.endswith(b"\r\n\r\n") and not fin
     _, stream2 = c.router.endpoints[1].accept()
-    assert requests_in(stream2.value())[-1] == h11.EndOfMessage()
+    events = requests_in(stream2.value())
+    assert [type(e) for e in events] == [h11.Request, h11.Data, h11.EndOfMessage] and stream2.write_closed
 
 
 def test_an_upgrade_request_goes_with_the_open_without_the_fin() -> None:
