@@ -186,6 +186,23 @@ class Reloader(Generic[C]):
         return True
 
 
+def take_process_control(reactor: Any, hangup: Callable[[], object], reloader: Reloader[Any] | None) -> None:
+    """As the process (twistd): SIGTERM/SIGINT stop the reactor (the services drain), SIGHUP calls ``hangup``,
+    and ``reloader`` (if any) starts watching the configuration file."""
+    install_signal_handlers(reactor, lambda: stop_reactor(reactor), hangup)
+    if reloader is not None:
+        reloader.start()
+
+
+def reload_now(reloader: Reloader[Any] | None) -> bool:
+    """SIGHUP: reload through ``reloader`` now; False if it refused the file, or (logged) there is no file to
+    reload because the process started on embedded defaults."""
+    if reloader is None:
+        log.warn("SIGHUP: no configuration file to reload (started on embedded defaults)")
+        return False
+    return reloader.reload()
+
+
 def log_restart_needed(keys: Sequence[str]) -> None:
     """One log line naming changed keys that only a restart applies."""
     if keys:

@@ -79,10 +79,7 @@ class ConnectorProcess(MultiService):
 
     def reload(self) -> bool:
         """Reload the configuration file now (SIGHUP); False if refused or there is no file."""
-        if self.reloader is None:
-            log.warn("SIGHUP: no configuration file to reload (started on embedded defaults)")
-            return False
-        return self.reloader.reload()
+        return reload.reload_now(self.reloader)
 
     def apply_config(self, new: ConnectorConfig) -> None:
         """Apply ``accessControl`` from ``new`` to the next stream (streams open now keep their decision); log
@@ -102,9 +99,7 @@ class ConnectorProcess(MultiService):
         """Start the tunnel and the metrics listener; as the process also the signal handlers and file watch."""
         super().startService()
         if self._process_control:
-            reload.install_signal_handlers(self.reactor, lambda: reload.stop_reactor(self.reactor), self.reload)
-            if self.reloader is not None:
-                self.reloader.start()
+            reload.take_process_control(self.reactor, self.reload, self.reloader)
 
     def stopService(self) -> Deferred[Any]:
         """Drain the connector (see :meth:`ConnectorService.stopService`), then stop the metrics listener."""

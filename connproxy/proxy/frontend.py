@@ -32,6 +32,47 @@ def client_key(addr: IAddress | None) -> str:
     return str(getattr(addr, "host", "") or "")
 
 
+class ConnectionCounts:
+    """Connections open at once, in total and by client address, against two limits: the bookkeeping that the
+    front ends (:class:`FrontEndFactory`) and the tunnel port (``TunnelAdmission``) share. Mixed into their
+    factories, which call :meth:`init_counts` from ``__init__``."""
+
+    max_connections: int
+    max_connections_per_client: int
+    #: Connections open now, in total and by client address.
+    connections: int
+    by_client: dict[str, int]
+
+    def init_counts(self, max_connections: int, max_connections_per_client: int) -> None:
+        """Set the limits; nothing is open yet."""
+        self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
+        self.connections = 0
+        self.by_client = {}
+
+    def over_limit(self, key: str) -> tuple[str, int] | None:
+        """The limit (key name, value) one more connection from ``key`` would exceed, or ``None``."""
+        if self.connections >= self.max_connections:
+            return "max_connections", self.max_connections
+        if self.by_client.get(key, 0) >= self.max_connections_per_client:
+            return "max_connections_per_client", self.max_connections_per_client
+        return None
+
+    def count_in(self, key: str) -> None:
+        """A connection from ``key`` was admitted."""
+        self.connections += 1
+        self.by_client[key] = self.by_client.get(key, 0) + 1
+
+    def count_out(self, key: str) -> None:
+        """A connection from ``key`` ended (call once per :meth:`count_in`)."""
+        self.connections -= 1
+        left = self.by_client.get(key, 0) - 1
+        if left > 0:
+            self.by_client[key] = left
+        else:
+            self.by_client.pop(key, None)
+
+
 def set_no_delay(transport: Any) -> None:
     """Set TCP_NODELAY on an accepted client socket (small answers and handshakes must not wait for Nagle);
     transports without it (test doubles, UNIX sockets) are left alone."""
@@ -56,7 +97,7 @@ class FrontEndOptions(TypedDict, total=False):
     audit_writer: audit.AuditWriter | None
 
 
-class FrontEndFactory(Factory):
+class FrontEndFactory(Factory, ConnectionCounts):
     """Base of the front ends' factories: counts their connections and refuses those over the limits at accept,
     before any work is done for them.
 
@@ -97,28 +138,21 @@ class FrontEndFactory(Factory):
         self.clock = clock
         self.authorization_enabled = authorization_enabled
         self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
-        self.max_connections_per_client = max_connections_per_client
+        self.init_counts(max_connections, max_connections_per_client)
         self.metrics = metrics
         self.audit_writer = audit_writer
-        #: Connections open now, in total and by client address.
-        self.connections = 0
-        self.by_client: dict[str, int] = {}
         self._unlogged_refusals = 0
         self._refusal_logged_at: float | None = None
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # type: ignore[override]
         """A new connection: :meth:`build` within the limits, else :meth:`refusal` (logged, counted)."""
         key = client_key(addr)
-        if self.connections >= self.max_connections:
-            self._refused(key, "max_connections", self.max_connections)
-            return self.refusal(addr)
-        if self.by_client.get(key, 0) >= self.max_connections_per_client:
-            self._refused(key, "max_connections_per_client", self.max_connections_per_client)
+        limit = self.over_limit(key)
+        if limit is not None:
+            self._refused(key, *limit)
             return self.refusal(addr)
         protocol = self.build(addr)
-        self.connections += 1
-        self.by_client[key] = self.by_client.get(key, 0) + 1
+        self.count_in(key)
         protocol._front_end_slot = key  # type: ignore[attr-defined]
         return protocol
 
@@ -136,12 +170,7 @@ class FrontEndFactory(Factory):
         if key is None:
             return
         protocol._front_end_slot = None  # type: ignore[attr-defined]
-        self.connections -= 1
-        left = self.by_client.get(key, 0) - 1
-        if left > 0:
-            self.by_client[key] = left
-        else:
-            self.by_client.pop(key, None)
+        self.count_out(key)
 
     def _refused(self, client: str, limit: str, value: int) -> None:
         counter = getattr(self.metrics, "client_connections_refused", None)

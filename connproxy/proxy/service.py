@@ -281,10 +281,7 @@ class ProxyService(MultiService):
 
     def reload(self) -> bool:
         """Reload the configuration file now (SIGHUP); False if refused or there is no file."""
-        if self.reloader is None:
-            log.warn("SIGHUP: no configuration file to reload (started on embedded defaults)")
-            return False
-        return self.reloader.reload()
+        return reload.reload_now(self.reloader)
 
     def apply_config(self, new: ProxyConfig) -> None:
         """Apply what can change while running: ``allowedClientId`` and the token keys (the keys file is read
@@ -319,9 +316,7 @@ class ProxyService(MultiService):
         self.draining = False
         super().startService()
         if self._process_control:
-            reload.install_signal_handlers(self.reactor, lambda: reload.stop_reactor(self.reactor), self.reload)
-            if self.reloader is not None:
-                self.reloader.start()
+            reload.take_process_control(self.reactor, self.reload, self.reloader)
 
     # ------------------------------------------------------------------ drain
 

@@ -30,7 +30,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from connproxy.proxy.frontend import REFUSAL_LOG_INTERVAL, client_key
+from connproxy.proxy.frontend import REFUSAL_LOG_INTERVAL, ConnectionCounts, client_key
 
 
 class _Refused(Protocol):
@@ -72,7 +72,7 @@ class AdmittedConnection(ProtocolWrapper):
         super().connectionLost(reason)
 
 
-class TunnelAdmission(WrappingFactory):  # type: ignore[type-arg]
+class TunnelAdmission(WrappingFactory, ConnectionCounts):  # type: ignore[type-arg]
     """Wraps the tunnel factory with the limits of the module docstring.
 
     :param wrapped: the tunnel listener's factory (:class:`~connproxy.proxy.tunnel_listener.ProxyTunnelFactory`).
@@ -97,14 +97,10 @@ class TunnelAdmission(WrappingFactory):  # type: ignore[type-arg]
     ) -> None:
         super().__init__(wrapped)
         self.clock = clock
-        self.max_connections = max_connections
-        self.max_connections_per_client = max_connections_per_client
+        self.init_counts(max_connections, max_connections_per_client)
         self.max_pending_handshakes = max_pending_handshakes
         self.handshake_timeout = handshake_timeout
         self.metrics = metrics
-        #: Admitted connections open now, in total and by source address.
-        self.connections = 0
-        self.by_client: dict[str, int] = {}
         #: Connections in their TLS handshake, oldest first, with their timers.
         self.pending: OrderedDict[AdmittedConnection, IDelayedCall] = OrderedDict()
         self._unlogged: dict[str, int] = {}
@@ -113,17 +109,14 @@ class TunnelAdmission(WrappingFactory):  # type: ignore[type-arg]
     def buildProtocol(self, addr: IAddress | None) -> Protocol:  # type: ignore[override]
         """An admitted, counted connection; or one that aborts itself (over ``maxConnections[PerClient]``)."""
         key = client_key(addr)
-        if self.connections >= self.max_connections:
-            self._note("max_connections", key, self.max_connections)
-            return _Refused()
-        if self.by_client.get(key, 0) >= self.max_connections_per_client:
-            self._note("max_connections_per_client", key, self.max_connections_per_client)
+        limit = self.over_limit(key)
+        if limit is not None:
+            self._note(limit[0], key, limit[1])
             return _Refused()
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:
             return _Refused()
-        self.connections += 1
-        self.by_client[key] = self.by_client.get(key, 0) + 1
+        self.count_in(key)
         return self.protocol(self, wrapped, key)
 
     def handshake_started(self, conn: AdmittedConnection) -> None:
@@ -147,12 +140,7 @@ class TunnelAdmission(WrappingFactory):  # type: ignore[type-arg]
         if conn.released:
             return
         conn.released = True
-        self.connections -= 1
-        left = self.by_client.get(conn.key, 0) - 1
-        if left > 0:
-            self.by_client[conn.key] = left
-        else:
-            self.by_client.pop(conn.key, None)
+        self.count_out(conn.key)
 
     def _timed_out(self, conn: AdmittedConnection) -> None:
         if self.pending.pop(conn, None) is None:
