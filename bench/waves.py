@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
     BIN,
+    TUNNEL_PORT_LIMITS,
     _read,
     connector_config,
     mint,
@@ -58,6 +59,7 @@ from bench.common import (  # noqa: E402
     vm_rss_mib,
     write_configs,
 )
+from connproxy.config.model import TunnelListenerConfig  # noqa: E402
 from connproxy.wire.errors import ErrorCode  # noqa: E402
 from connproxy.wire.events import GoAwayReceived, HelloReceived  # noqa: E402
 from connproxy.wire.session import Role, Session  # noqa: E402
@@ -261,10 +263,12 @@ def main() -> int:
     ports = write_configs(tmp, access)
     config = yaml.safe_load((tmp / "proxy.yaml").read_text())
     bdt = config["servers"]["businessDataTunnel"]
+    for key in TUNNEL_PORT_LIMITS:  # raised for run.py's many_connectors; here the proxy's defaults are the point
+        bdt.pop(key, None)
     bdt["handshakeTimeoutSeconds"] = TUNNEL_HANDSHAKE_TIMEOUT
     config["servers"]["proxy"]["clientConnection"]["handshakeTimeoutSeconds"] = HTTP_HEADER_TIMEOUT
     (tmp / "proxy.yaml").write_text(yaml.safe_dump(config))
-    limit = int(bdt["maxTunnelsPerIdentity"])
+    limit = TunnelListenerConfig.max_tunnels_per_identity  # the proxy's default
 
     rows: list[dict[str, Any]] = []
     extra: list[subprocess.Popen[bytes]] = []

@@ -22,6 +22,10 @@ fi
 # The soak run's short form (bench/soak.py: 10 minutes by default).
 .venv/bin/python bench/soak.py --duration 20 --clients 12 --stallers 2 --restart-every 8 --max-size 1048576 >/tmp/connproxy-soak.json
 echo "soak: $(.venv/bin/python -c 'import json,sys; r=json.load(open("/tmp/connproxy-soak.json")); print(r["requests_total"], "requests,", r["bytes"], "bytes, errors", r["errors_by_cause"])')"
+# The memory-waves run's short form (bench/waves.py; one small wave: the 5th tunnel of an identity refused, stalled
+# streams and silent connections cleaned up), so it cannot rot either.
+.venv/bin/python bench/waves.py --waves 1 --hold 2 --settle 4 --downloads 5 --uploads 5 --handshakes 20 \
+  --idle-http 20 --download-size 8MiB --upload-size 8MiB | tail -n 4
 # Deployment: Kubernetes manifests and Dockerfile offline (schemas, hadolint, shellcheck), then the image's build
 # steps outside a container with the manifests' configuration, run and probed on 127.0.0.1.
 ./scripts/check-k8s.sh

@@ -104,7 +104,7 @@ class TunnelListenerConfig:
     external_host: str = "localhost"
     external_port: int = DEFAULT_TUNNEL_PORT
     tls: TlsFiles = field(default_factory=TlsFiles)
-    #: Tunnels one certificate identity (subaccount, location, connector id) may hold at once.
+    #: Tunnels one certificate identity (subaccount and bound location; not the connector id) may hold at once.
     max_tunnels_per_identity: int = 4
     #: Streams open at once for one tenant, over all its tunnels.
     max_streams_per_tenant: int = 10_000

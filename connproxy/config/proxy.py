@@ -338,7 +338,9 @@ PROXY_KEYS: Final[tuple[Key, ...]] = (
                 Key("firstByteTimeoutSeconds", Seconds(), _CLIENT.first_byte_timeout_seconds,
                     "Time for the backend's first response byte (HTTP)."),
                 Key("bodyTimeoutSeconds", Seconds(), _CLIENT.body_timeout_seconds,
-                    "A request body making no progress for this long ends the exchange."),
+                    "The request body's timeout window: each window of this many seconds must carry at least 100 "
+                    "bytes per second of it (at least 1 byte), else 408; a body held back by the tunnel's flow "
+                    "control does not count against the client."),
                 Key("maxConnections", Integer(1, 1_000_000), _CLIENT.max_connections,
                     "Connections per front end at once; further ones are closed at accept."),
                 Key("maxConnectionsPerClient", Integer(1, 1_000_000), _CLIENT.max_connections_per_client,
