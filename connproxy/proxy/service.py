@@ -31,6 +31,7 @@ from connproxy.obs.memory import MemoryTrimmer, interval_from_env
 from connproxy.pki import tls
 from connproxy.pki.state import resolve_tls_files
 from connproxy.probes import metrics_site
+from connproxy.proxy import fd_budget
 from connproxy.proxy.auth import AuthError, Authorizer, KeyStore, make_authorizer
 from connproxy.proxy.frontend import FrontEndFactory, FrontEndOptions
 from connproxy.proxy.http_frontend import HttpProxyFactory
@@ -265,15 +266,41 @@ class ProxyService(MultiService):
 
     def enable_process_control(self, config_path: str | None) -> None:
         """Run as the process (twistd): SIGTERM drains and exits 0, SIGHUP (and, with ``config_path``, a change
-        of the configuration or token keys file) reloads. Call before ``startService``."""
+        of the configuration or token keys file) reloads; the open-file limit is raised and the connection limits
+        fitted to it (:meth:`fit_connection_limits`). Call before ``startService``."""
         self._process_control = True
         self.config_path = config_path
+        self.fit_connection_limits(fd_budget.raise_nofile())
         if config_path is not None:
             self.reloader = reload.Reloader(
                 self.reactor, config_path, verify_proxy_config_file, self.apply_config,
                 lambda result: self.metrics.reloads.labels(result).inc(),
                 extra_files=self._watched_key_files,
             )
+
+    def fit_connection_limits(self, nofile: int) -> dict[str, int]:
+        """Lower the listeners' connection limits (and the per-client ones with them) where together they do not
+        fit in ``nofile`` open files (:mod:`connproxy.proxy.fd_budget`); one warning names what was lowered.
+        Returns the limits now in force by key."""
+        client_key = "servers.proxy.clientConnection.maxConnections"
+        holders: dict[str, Any] = {f"{client_key} ({label})": factory
+                                   for label, (_fe, factory) in self.front_ends.items()}
+        holders["servers.businessDataTunnel.maxConnections"] = self.tunnel_admission
+        configured = {key: holder.max_connections for key, holder in holders.items()}
+        fitted = fd_budget.fit(configured, nofile)
+        for key, holder in holders.items():
+            holder.max_connections = fitted[key]
+            holder.max_connections_per_client = min(holder.max_connections_per_client, fitted[key])
+        if fitted != configured:
+            log.warn(
+                "the open-file limit ({nofile}) cannot hold the configured connection limits ({configured}, plus "
+                "{reserved} reserved): lowered to {fitted} for this process, per-client limits capped at them; "
+                "raise the limit (ulimit -n, LimitNOFILE, the container runtime's nofile) to keep them",
+                nofile=nofile, reserved=fd_budget.RESERVED_FDS,
+                configured=", ".join(f"{k} {v}" for k, v in configured.items()),
+                fitted=", ".join(f"{k} {v}" for k, v in fitted.items()),
+            )
+        return fitted
 
     def _watched_key_files(self) -> list[str]:
         oauth = self.config.oauth
