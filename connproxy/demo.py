@@ -101,6 +101,9 @@ async def run_demo(reactor: Any, out: Any = sys.stdout) -> Any:
     http_listener = getattr(proxy, "http_listener", None)
     if http_listener is not None and http_listener.port is not None:
         lines.append(f"  HTTP proxy   127.0.0.1:{http_listener.port_number}")
+    metrics_listener = getattr(proxy, "metrics_listener", None)
+    if metrics_listener is not None and metrics_listener.port is not None:
+        lines.append(f"  metrics      http://127.0.0.1:{metrics_listener.port_number}/metrics")
     lines += ["", "Try:", f"  curl --socks5-hostname 127.0.0.1:{socks} http://{DEMO_HOST}:8080/"]
     if http_listener is not None and http_listener.port is not None:
         lines.append(f"  curl -x http://127.0.0.1:{http_listener.port_number} http://{DEMO_HOST}/")

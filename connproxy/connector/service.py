@@ -57,6 +57,7 @@ class ConnectorProcess(MultiService):
                 "connector metrics",
                 TCP4ServerEndpoint(reactor, config.metrics.port, interface=config.metrics.bind_address),
                 metrics_site(self.connector.metrics, self.connector.readiness),
+                config_key="metrics.prometheus.port",
             )
             self.metrics_listener.setServiceParent(self)
 

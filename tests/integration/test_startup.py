@@ -105,3 +105,21 @@ def test_port_taken_at_start_up(tmp_path: Path, pki: PKIFiles, program: str) -> 
     assert status == 2, out + err
     assert "Traceback" not in out + err
     assert err.splitlines() == [f"servers.proxy.http.port: port {port} is already in use (127.0.0.1:{port})"]
+
+
+def test_connector_metrics_port_taken_at_start_up(tmp_path: Path, pki: PKIFiles) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = tmp_path / "connector.yaml"
+        config.write_text(
+            "subaccountId: t\n"
+            "proxy: {host: 127.0.0.1, port: 1}\n"
+            "tls: {certFile: pki/conn.crt, keyFile: pki/conn.key, caFile: pki/ca.crt}\n"
+            f"metrics: {{prometheus: {{enabled: true, port: {port}, bindAddress: 127.0.0.1}}}}\n"
+        )
+        status, out, err = run("twistd", "connproxy-connector", config)
+    assert status == 2, out + err
+    assert "Traceback" not in out + err
+    assert err.splitlines() == [f"metrics.prometheus.port: port {port} is already in use (127.0.0.1:{port})"]
