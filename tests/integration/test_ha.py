@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 
 from connproxy.testing import mint_test_pki
 from tests.ha_harness import NGINX, Fleet, Replica, SniRouter, reactor
 from tests.harness import Echo, free_port, serve, socks_connect, tcp_rule, wait_for
+from tests.http_harness import http_rule, serve_http
 
 REGISTERED = b"registered for subaccount"
 LISTENING = b"tunnel listener listening on"
@@ -88,10 +89,45 @@ def echo_once(port: int, size: int = 2048) -> Iterator[Deferred[Any]]:
     yield client.done
 
 
-class Load:
-    """Workers doing :func:`echo_once` round-robin over some replicas until stopped (bounded in count)."""
+@inlineCallbacks
+def slow_echo(port: int, pieces: int = 8, interval: float = 0.25, size: int = 1024) -> Iterator[Deferred[Any]]:
+    """One SOCKS5 stream that stays open for ``pieces * interval`` seconds, sending ``size`` bytes at a time and
+    waiting for each to come back: a stream still in flight when its replica is told to stop."""
+    client, reply = yield socks_connect(port, "echo.internal", 7)
+    if reply != 0:
+        raise AssertionError(f"SOCKS reply {reply} from port {port}")
+    assert client.transport is not None
+    for n in range(1, pieces + 1):
+        client.transport.write(b"y" * size)
+        yield wait_for(lambda n=n: client.received >= n * size, timeout=10)
+        yield sleep(interval)
+    client.transport.loseConnection()
+    yield client.done
 
-    def __init__(self, ports: list[int], workers: int = 4, limit: int = 5000) -> None:
+
+def http_get_once(port: int) -> Deferred[None]:
+    """One HTTP request through a replica's HTTP proxy (``Connection: close``), in a thread; fails unless 200."""
+    from twisted.internet.threads import deferToThread
+
+    from tests.http_harness import parse_response, raw_exchange
+
+    def get() -> None:
+        raw = raw_exchange(port, b"GET http://web.internal/roll HTTP/1.1\r\nHost: web.internal\r\n"
+                                 b"Connection: close\r\n\r\n")
+        status = parse_response(raw)[0] if raw else 0
+        if status != 200:
+            raise AssertionError(f"HTTP {status} from port {port}")
+
+    return deferToThread(get)
+
+
+class Load:
+    """Workers doing :func:`echo_once` (or ``exchange``) round-robin over some replicas until stopped (bounded in
+    count)."""
+
+    def __init__(self, ports: list[int], workers: int = 4, limit: int = 5000,
+                 exchange: Callable[[int], Deferred[Any]] | None = None) -> None:
+        self.exchange = exchange or echo_once
         self.ports = ports
         self.ok = 0
         self.failures: list[str] = []
@@ -106,7 +142,7 @@ class Load:
             port = self.ports[i % len(self.ports)]
             i += 1
             try:
-                yield echo_once(port)
+                yield self.exchange(port)
                 self.ok += 1
             except Exception as e:
                 self.failures.append(f"port {port}: {e!r}")
@@ -232,8 +268,10 @@ def test_rolling_restart_of_three_replicas_loses_nothing(fleet: Fleet) -> Iterat
     """A rolling restart as the StatefulSet does it: each replica in turn leaves the Service's endpoints (readiness
     false; here: the load stops choosing it), gets SIGTERM, drains (its streams in flight finish, GOAWAY sends the
     connectors elsewhere), exits 0, is started again and has both connectors back before the next one goes. Under
-    steady SOCKS5 load through the replicas no exchange fails."""
+    steady SOCKS5 and HTTP load through the replicas no exchange fails, and a SOCKS5 stream still open on the
+    replica when it gets SIGTERM is carried to its end by the drain."""
     echo = yield serve(Echo)
+    web = yield serve_http()
     try:
         nginx_port = free_port()
         replicas = fleet.add_replicas(3, mode="path", external_port=nginx_port,
@@ -241,16 +279,21 @@ def test_rolling_restart_of_three_replicas_loses_nothing(fleet: Fleet) -> Iterat
         for r in replicas:
             fleet.start_replica(r)
         fleet.start_nginx(nginx_port)
-        access = [tcp_rule("echo.internal", 7, echo.getHost().port)]
+        access = [tcp_rule("echo.internal", 7, echo.getHost().port), http_rule("web.internal", 80, web.getHost().port)]
         for name in ("c1", "c2"):
             fleet.start_connector(fleet.connector_config(
                 name, nginx_port, access, proxy={"highAvailabilityMode": "path"}))
         yield wait_for(lambda: all(registered_on(r, "c1", "c2") for r in replicas), timeout=40)
         load = Load([r.socks_port for r in replicas], limit=20000)
-        yield wait_for(lambda: load.ok >= 20, timeout=30)
+        http_load = Load([r.http_port for r in replicas], workers=2, limit=20000, exchange=http_get_once)
+        yield wait_for(lambda: load.ok >= 20 and http_load.ok >= 10, timeout=30)
         exits = []
+        in_flight = []
         for victim in replicas:
+            # A stream opened on the victim that lasts 2 s: the SIGTERM comes 0.5 s into it.
+            in_flight.append(slow_echo(victim.socks_port))
             load.ports = [r.socks_port for r in replicas if r is not victim]  # out of the Service's endpoints
+            http_load.ports = [r.http_port for r in replicas if r is not victim]
             yield sleep(0.5)  # exchanges already started on the victim are in flight now, or done
             assert victim.child is not None
             fleet.kill(victim.child, signal.SIGTERM)
@@ -260,12 +303,20 @@ def test_rolling_restart_of_three_replicas_loses_nothing(fleet: Fleet) -> Iterat
             yield wait_for(lambda v=victim: registered_on(v, "c1", "c2"), timeout=40)
             assert child is victim.child
             load.ports = [r.socks_port for r in replicas]
+            http_load.ports = [r.http_port for r in replicas]
         yield sleep(1.0)
         yield load.stop()
-        print(f"rolling restart of 3 replicas: {load.ok + len(load.failures)} exchanges sent, {load.ok} succeeded, "
-              f"{len(load.failures)} failed; exit statuses {exits}")
-        assert load.failures == []
+        yield http_load.stop()
+        drained = yield DeferredList(in_flight, consumeErrors=True)
+        sent = load.ok + len(load.failures) + http_load.ok + len(http_load.failures)
+        print(f"rolling restart of 3 replicas: {sent} exchanges sent ({load.ok + len(load.failures)} SOCKS5, "
+              f"{http_load.ok + len(http_load.failures)} HTTP), {load.ok + http_load.ok} succeeded, "
+              f"{len(load.failures) + len(http_load.failures)} failed; streams open at SIGTERM carried to the end: "
+              f"{sum(ok for ok, _ in drained)} of {len(drained)}; exit statuses {exits}")
+        assert load.failures == [] and http_load.failures == []
+        assert [ok for ok, _ in drained] == [True, True, True], drained
         assert exits == [0, 0, 0]
-        assert load.ok > 100
+        assert load.ok > 100 and http_load.ok > 20
     finally:
         yield echo.stopListening()
+        yield web.stopListening()
