@@ -147,6 +147,11 @@ class ConnectorTunnel(TunnelConnection):
 
 
 class _TunnelFactory(Factory):
+    """Builds the tunnel protocol for one dial. Quiet: Twisted's "Starting/Stopping factory" pair would be two
+    info lines per dial attempt (the connection loop logs its own, with the reason)."""
+
+    noisy = False
+
     def __init__(self, service: ConnectorService) -> None:
         self.service = service
 
