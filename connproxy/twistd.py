@@ -138,11 +138,12 @@ def guard_start(service: IService, *, daemon: bool = False) -> None:
 
 def make_service(
     options: ConfigOptions,
-    verify: Callable[[str | None], C],
+    verify: Callable[..., C],
     build: Callable[[C, Any], IService],
 ) -> IService:
     """Check the configuration named by ``--config`` (or the embedded defaults) with ``verify`` (for example
-    :func:`connproxy.config.verify_proxy_config_file`) and build the service with the global reactor (the one place
+    :func:`connproxy.config.verify_proxy_config_file`, called with ``check_ports=True``: the checks of
+    ``connproxy config check``, listen ports included, all before anything binds) and build the service with the global reactor (the one place
     it is imported, at start-up). Warnings about listening beyond loopback without authorization or with the
     development certificates are logged. The service's ``enable_process_control`` (if it has one) is called with
     the configuration path (SIGTERM drains and exits 0, SIGHUP and a changed file reload: :mod:`connproxy.reload`).
@@ -153,7 +154,7 @@ def make_service(
     from twisted.internet import reactor
 
     try:
-        config = verify(options["config"])
+        config = verify(options["config"], check_ports=True)
     except ConfigError as error:
         fail(error.lines)
     except Exception:

@@ -123,3 +123,20 @@ def test_connector_metrics_port_taken_at_start_up(tmp_path: Path, pki: PKIFiles)
     assert status == 2, out + err
     assert "Traceback" not in out + err
     assert err.splitlines() == [f"metrics.prometheus.port: port {port} is already in use (127.0.0.1:{port})"]
+
+
+def test_start_up_reports_a_taken_port_with_the_other_problems_before_binding(tmp_path: Path, pki: PKIFiles) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = tmp_path / "proxy.yaml"
+        config.write_text(proxy_yaml("{certFile: pki/missing.crt, keyFile: pki/proxy.key, clientCaFile: pki/ca.crt}",
+                                     http_port=port, oauth="{allowedClientId: app, uaaDomain: uaa.example}"))
+        status, out, err = run("twistd", "connproxy", config)
+    assert status == 2, out + err
+    assert "Traceback" not in out + err and "listening" not in out  # nothing was bound before the answer
+    assert err.splitlines() == [
+        f"servers.businessDataTunnel.tls.certFile: no such file ({pki.dir}/missing.crt)",
+        f"servers.proxy.http.port: port {port} is already in use (127.0.0.1:{port})",
+    ]

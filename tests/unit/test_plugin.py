@@ -170,7 +170,7 @@ class StartupFailureTests(SynchronousTestCase):
         options.parseOptions([])
         err = io.StringIO()
         with mock.patch.object(sys, "__stderr__", err), self.assertRaises(SystemExit) as caught:
-            twistd.make_service(options, lambda path: embedded_proxy_config(), build)
+            twistd.make_service(options, lambda path, check_ports: embedded_proxy_config(), build)
         self.assertEqual(caught.exception.code, 70)
         self.assertIn("KeyError: 'oops'", err.getvalue())
         self.assertIn("building the service failed because of a bug", err.getvalue())
