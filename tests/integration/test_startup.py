@@ -3,9 +3,11 @@ Python traceback (``twistd -n connproxy``, ``twistd -n connproxy-connector``, ``
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,25 @@ def run(program: str, tap: str, config: Path) -> tuple[int, str, str]:
     args += [tap, "--config", str(config)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, cwd=config.parent, check=False)
     return done.returncode, done.stdout, done.stderr
+
+
+def failed_start(config: Path, text: str, program: str = "twistd", tap: str = "connproxy") -> tuple[str, list[str]]:
+    """Write ``text`` to ``config`` and start ``tap`` on it, which must fail: exit 2, no traceback. Returns stdout
+    and the lines on stderr."""
+    config.write_text(text)
+    status, out, err = run(program, tap, config)
+    assert status == 2, out + err
+    assert "Traceback" not in out + err
+    return out, err.splitlines()
+
+
+@contextlib.contextmanager
+def held_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that something else listens on while the block runs."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        yield taken.getsockname()[1]
 
 
 @pytest.fixture
@@ -95,48 +116,30 @@ def test_connector_with_mismatched_key_and_missing_ca_file(tmp_path: Path, pki: 
 
 @pytest.mark.parametrize("program", ["twistd", "twist"])
 def test_port_taken_at_start_up(tmp_path: Path, pki: PKIFiles, program: str) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        config = tmp_path / "proxy.yaml"
-        config.write_text(proxy_yaml(GOOD_TLS, http_port=port, oauth="{allowedClientId: app, uaaDomain: uaa.example}"))
-        status, out, err = run(program, "connproxy", config)
-    assert status == 2, out + err
-    assert "Traceback" not in out + err
-    assert err.splitlines() == [f"servers.proxy.http.port: port {port} is already in use (127.0.0.1:{port})"]
+    with held_port() as port:
+        _, lines = failed_start(tmp_path / "proxy.yaml", proxy_yaml(
+            GOOD_TLS, http_port=port, oauth="{allowedClientId: app, uaaDomain: uaa.example}"), program)
+    assert lines == [f"servers.proxy.http.port: port {port} is already in use (127.0.0.1:{port})"]
 
 
 def test_connector_metrics_port_taken_at_start_up(tmp_path: Path, pki: PKIFiles) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        config = tmp_path / "connector.yaml"
-        config.write_text(
+    with held_port() as port:
+        _, lines = failed_start(tmp_path / "connector.yaml", (
             "subaccountId: t\n"
             "proxy: {host: 127.0.0.1, port: 1}\n"
             "tls: {certFile: pki/conn.crt, keyFile: pki/conn.key, caFile: pki/ca.crt}\n"
             f"metrics: {{prometheus: {{enabled: true, port: {port}, bindAddress: 127.0.0.1}}}}\n"
-        )
-        status, out, err = run("twistd", "connproxy-connector", config)
-    assert status == 2, out + err
-    assert "Traceback" not in out + err
-    assert err.splitlines() == [f"metrics.prometheus.port: port {port} is already in use (127.0.0.1:{port})"]
+        ), tap="connproxy-connector")
+    assert lines == [f"metrics.prometheus.port: port {port} is already in use (127.0.0.1:{port})"]
 
 
 def test_start_up_reports_a_taken_port_with_the_other_problems_before_binding(tmp_path: Path, pki: PKIFiles) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        config = tmp_path / "proxy.yaml"
-        config.write_text(proxy_yaml("{certFile: pki/missing.crt, keyFile: pki/proxy.key, clientCaFile: pki/ca.crt}",
-                                     http_port=port, oauth="{allowedClientId: app, uaaDomain: uaa.example}"))
-        status, out, err = run("twistd", "connproxy", config)
-    assert status == 2, out + err
-    assert "Traceback" not in out + err and "listening" not in out  # nothing was bound before the answer
-    assert err.splitlines() == [
+    with held_port() as port:
+        out, lines = failed_start(tmp_path / "proxy.yaml", proxy_yaml(
+            "{certFile: pki/missing.crt, keyFile: pki/proxy.key, clientCaFile: pki/ca.crt}",
+            http_port=port, oauth="{allowedClientId: app, uaaDomain: uaa.example}"))
+    assert "listening" not in out  # nothing was bound before the answer
+    assert lines == [
         f"servers.businessDataTunnel.tls.certFile: no such file ({pki.dir}/missing.crt)",
         f"servers.proxy.http.port: port {port} is already in use (127.0.0.1:{port})",
     ]
