@@ -17,10 +17,12 @@
 #               (scripts/k8s_smoke.py probe); then both processes are stopped by their PIDs (SIGTERM) and must shut
 #               down cleanly
 #
-# Needs python3 (with venv), kubectl (for kustomize) and PyPI for step 1. Usage: scripts/build-steps.sh
+# Needs python3 (with venv), kubectl (for kustomize: the machine's, else .venv's from the test extra) and PyPI for
+# step 1. Usage: scripts/build-steps.sh
 # Environment: PYTHON (default python3), OVERLAYS (default "dedicated shared"), KEEP_WORK=1 keeps the temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$PATH:$PWD/.venv/bin"
 PY=${PYTHON:-python3}
 OVERLAYS=${OVERLAYS:-dedicated shared}
 APP_UID=10001

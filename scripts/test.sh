@@ -13,6 +13,8 @@ fi
 # compat editable mode: the flat layout's twisted/plugins must be on sys.path for twistd to find the plugins.
 .venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat 2>&1 | grep -v 'WARNING: Location' || true
 .venv/bin/python -c 'import connproxy, h11, jwt, pytest_twisted, hypothesis' # fail early on a broken install
+# kubectl (for `kubectl kustomize`, no cluster): the machine's if it has one, else the test extra's wheel in .venv.
+export PATH="$PATH:$PWD/.venv/bin"
 .venv/bin/ruff check connproxy tests twisted bench fuzz scripts
 .venv/bin/mypy
 .venv/bin/pytest -p no:twisted -q tests/unit "$@"

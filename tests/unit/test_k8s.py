@@ -7,7 +7,8 @@ files the pod mounts, the termination grace period exceeds the drain deadline, t
 no Secret material is committed, and the Dockerfile's entry point fits the workloads' arguments.
 
 The checks are functions that return a list of problems; each is also run on a deliberately broken copy, to show
-that it can fail. ``kubectl`` must be on PATH (it renders without a cluster).
+that it can fail. ``kubectl`` comes from PATH, else from the test extra in the venv (it renders without a
+cluster).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ Obj = dict[str, Any]
 
 def render(directory: str) -> list[Obj]:
     """``kubectl kustomize k8s/<directory>``, parsed."""
-    kubectl = shutil.which("kubectl")
+    kubectl = shutil.which("kubectl") or shutil.which("kubectl", path=str(Path(sys.executable).parent))
     if kubectl is None:
         pytest.fail("kubectl is not on PATH: it is required to render k8s/ (kubectl kustomize, no cluster needed)")
     result = subprocess.run(
