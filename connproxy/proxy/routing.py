@@ -78,12 +78,10 @@ class TunnelEndpoint:
             if self.metrics is not None:
                 d.addBoth(self._count, None)
             return d
-        self._early = (early, early_fin)
-        return self._attempt(protocolFactory, [])
+        return self._attempt(protocolFactory, [], (early, early_fin))
 
-    _early: tuple[bytes, bool] = (b"", False)
-
-    def _attempt(self, protocolFactory: IProtocolFactory, tried: list[Any]) -> Deferred[IProtocol]:
+    def _attempt(self, protocolFactory: IProtocolFactory, tried: list[Any],
+                 early: tuple[bytes, bool]) -> Deferred[IProtocol]:
         tunnel: Any = self.registry.pick(self.tenant, self.location)
         started: float | None = None
         if tunnel is None:
@@ -91,20 +89,21 @@ class TunnelEndpoint:
         else:
             if self.metrics is not None and not tried:  # a retry is part of the first attempt's open
                 started = self.metrics.open_started()
-            d = tunnel.open_stream(self.request, protocolFactory, *self._early)
+            d = tunnel.open_stream(self.request, protocolFactory, *early)
             if len(tried) < self.max_retries:
-                d.addErrback(self._retry, protocolFactory, tried + [tunnel])
+                d.addErrback(self._retry, protocolFactory, tried + [tunnel], early)
         if self.metrics is not None and not tried:
             d.addBoth(self._count, tunnel, started)
         return d
 
-    def _retry(self, failure: Failure, protocolFactory: IProtocolFactory, tried: list[Any]) -> Any:
+    def _retry(self, failure: Failure, protocolFactory: IProtocolFactory, tried: list[Any],
+               early: tuple[bytes, bool]) -> Any:
         if not failure.check(StreamRefusedError) or failure.value.code != ErrorCode.REFUSED_STREAM:  # type: ignore[union-attr]
             return failure
         other = self.registry.pick(self.tenant, self.location)
         if other is None or any(other is t for t in tried):
             return failure  # no other tunnel to retry on (the least loaded one is one that just refused)
-        return self._attempt(protocolFactory, tried)
+        return self._attempt(protocolFactory, tried, early)
 
     def _count(self, result: Any, tunnel: Any, started: float | None = None) -> Any:
         assert self.metrics is not None

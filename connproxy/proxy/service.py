@@ -33,7 +33,7 @@ from connproxy.pki.state import resolve_tls_files
 from connproxy.probes import metrics_site
 from connproxy.proxy import fd_budget
 from connproxy.proxy.auth import AuthError, Authorizer, KeyStore, make_authorizer
-from connproxy.proxy.frontend import FrontEndFactory, FrontEndOptions
+from connproxy.proxy.frontend import ConnectionCounts, FrontEndFactory, FrontEndOptions
 from connproxy.proxy.http_frontend import HttpProxyFactory
 from connproxy.proxy.metrics import ProxyMetrics
 from connproxy.proxy.registry import ConnectorRegistry
@@ -283,8 +283,8 @@ class ProxyService(MultiService):
         fit in ``nofile`` open files (:mod:`connproxy.proxy.fd_budget`); one warning names what was lowered.
         Returns the limits now in force by key."""
         client_key = "servers.proxy.clientConnection.maxConnections"
-        holders: dict[str, Any] = {f"{client_key} ({label})": factory
-                                   for label, (_fe, factory) in self.front_ends.items()}
+        holders: dict[str, ConnectionCounts] = {f"{client_key} ({label})": factory
+                                                for label, (_fe, factory) in self.front_ends.items()}
         holders["servers.businessDataTunnel.maxConnections"] = self.tunnel_admission
         configured = {key: holder.max_connections for key, holder in holders.items()}
         fitted = fd_budget.fit(configured, nofile)
