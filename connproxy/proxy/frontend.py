@@ -83,18 +83,6 @@ class ConnectionCounts:
             self.by_client.pop(key, None)
 
 
-def set_no_delay(transport: Any) -> None:
-    """Set TCP_NODELAY on an accepted client socket (small answers and handshakes must not wait for Nagle);
-    transports without it (test doubles, UNIX sockets) are left alone."""
-    setter = getattr(transport, "setTcpNoDelay", None)
-    if setter is None:
-        return
-    try:
-        setter(True)
-    except OSError:  # pragma: no cover - a socket closed under us
-        pass
-
-
 class FrontEndOptions(TypedDict, total=False):
     """The keyword arguments every front end's factory takes, passed through by the subclasses
     (``**common: Unpack[FrontEndOptions]``); :class:`FrontEndFactory` describes each."""

@@ -60,9 +60,10 @@ from connproxy.http.headers import (
     header_values,
     upgrade_of,
 )
+from connproxy.nodelay import set_no_delay
 from connproxy.obs import audit
 from connproxy.proxy.auth import AuthError
-from connproxy.proxy.frontend import Authorizing, FrontEndFactory, FrontEndOptions, set_no_delay
+from connproxy.proxy.frontend import Authorizing, FrontEndFactory, FrontEndOptions
 from connproxy.proxy.http_request import (
     ProxyRequest,
     RequestRules,

@@ -21,8 +21,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from connproxy.http.headers import escape_controls
+from connproxy.nodelay import set_no_delay
 from connproxy.obs import audit
-from connproxy.proxy.frontend import Authorizing, FrontEndFactory, FrontEndOptions, set_no_delay
+from connproxy.proxy.frontend import Authorizing, FrontEndFactory, FrontEndOptions
 from connproxy.proxy.replies import socks_reply_for
 from connproxy.proxy.routing import Router
 from connproxy.relay import Relay, RelayFactory, describe_transport

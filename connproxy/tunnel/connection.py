@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from connproxy.nodelay import set_no_delay
 from connproxy.tunnel.errors import OpenTimeoutError, StreamRefusedError, TunnelLostError
 from connproxy.tunnel.stream import TunnelStream
 from connproxy.wire.errors import ErrorCode, OpenTooLargeError, ProtocolError
@@ -107,12 +108,7 @@ class TunnelConnection(Protocol):
         assert self.transport is not None
         self.last_received = self.clock.seconds()
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except OSError:
-                pass
+        set_no_delay(self.transport)
         self._handshake_timer = self.clock.callLater(self.timers.handshake_timeout, self._handshake_timed_out)
         self.start_tunnel_timers()
 

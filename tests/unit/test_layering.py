@@ -140,7 +140,7 @@ def test_importing_wire_loads_no_third_party_module() -> None:
 THIRD_PARTY_TWISTED = ("twisted", "zope", "OpenSSL", "service_identity", "cryptography")
 LAYERS: dict[str, dict[str, tuple[str, ...]]] = {
     "connproxy.wire": {"allow": ()},
-    "connproxy.tunnel": {"allow": ("connproxy.wire", *THIRD_PARTY_TWISTED)},
+    "connproxy.tunnel": {"allow": ("connproxy.wire", "connproxy.nodelay", *THIRD_PARTY_TWISTED)},
     "connproxy.http": {"allow": ("connproxy.wire", "connproxy.relay", "h11", *THIRD_PARTY_TWISTED)},
     "connproxy.pki": {"allow": ("cryptography", "OpenSSL", "twisted", "zope", "service_identity", "jwt")},
     "connproxy.config": {"allow": ("connproxy.pki", "connproxy.wire", "yaml", "cryptography", "OpenSSL")},
