@@ -70,11 +70,15 @@ class ConfigOptions(usage.Options):
 
     def postOptions(self) -> None:
         """Under twistd, clear twistd's default pid file unless the command line names one (module docstring), and
-        tell :mod:`connproxy.obs.logs` where ``--logfile``/``--nodaemon`` send the log."""
-        from connproxy.obs.logs import set_log_file
+        tell :mod:`connproxy.obs.logs` where ``--logfile``/``--nodaemon`` send the log; under twist, hand twist
+        the configured log observer (:func:`connproxy.obs.logs.use_twist_options`)."""
+        from connproxy.obs.logs import set_log_file, use_twist_options
 
         parent = getattr(self, "parent", None)
         if parent is None or not hasattr(parent, "get"):
+            return
+        if "logFile" in parent:  # twist's options (twistd's key is "logfile")
+            use_twist_options(parent)
             return
         if parent.get("pidfile") == TWISTD_DEFAULT_PIDFILE and not names_pidfile(sys.argv[1:]):
             parent["pidfile"] = ""

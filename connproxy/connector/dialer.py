@@ -242,13 +242,6 @@ class ConnectorService(Service):
 
     # ------------------------------------------------------------------ service
 
-    def setServiceParent(self, parent: Any) -> None:
-        """Join ``parent``; under twistd also hand it the configured log observer (``logging``)."""
-        from connproxy.obs.logs import install
-
-        install(parent, self.config.logging, self.reactor)
-        super().setServiceParent(parent)
-
     @property
     def _stopping(self) -> bool:
         return self.state in (LinkState.DRAINING, LinkState.STOPPED)

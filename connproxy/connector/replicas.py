@@ -172,13 +172,6 @@ class ReplicaConnector(MultiService):
 
     # ------------------------------------------------------------------ service
 
-    def setServiceParent(self, parent: Any) -> None:
-        """Join ``parent``; under twistd also hand it the configured log observer (``logging``)."""
-        from connproxy.obs.logs import install
-
-        install(parent, self.config.logging, self.reactor)
-        super().setServiceParent(parent)
-
     def startService(self) -> None:
         """Start the loops (at first one loop to any replica)."""
         self.draining = False

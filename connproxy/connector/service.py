@@ -65,7 +65,7 @@ class ConnectorProcess(MultiService):
         """Join ``parent``; under twistd also hand it the configured log observer (``logging``)."""
         from connproxy.obs.logs import install
 
-        install(parent, self.config.logging)
+        install(parent, self.config.logging, self.reactor)
         super().setServiceParent(parent)
 
     def enable_process_control(self, config_path: str | None) -> None:

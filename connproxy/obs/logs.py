@@ -22,7 +22,8 @@ nothing: that is why ``#debug`` lines used to show at ``info``). The observer (:
   line ``N log lines dropped ...`` is written when writing resumes.
 
 The lines go where twistd's ``--logfile`` and ``--nodaemon`` say (:func:`set_log_file`; standard output under
-``twistd -n``); see ``docs/logging.md``.
+``twistd -n``), or, under ``twist``, where its ``--log-file`` says (:func:`use_twist_options`: the same observer,
+handed to twist through its observer factory); see ``docs/logging.md``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import math
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import IO, Any, Final, cast
 
@@ -63,6 +64,7 @@ __all__ = [
     "observer_for",
     "rfc3339",
     "set_log_file",
+    "use_twist_options",
 ]
 
 #: Namespace of the lines this module writes itself (level toggles, drop notices).
@@ -85,8 +87,12 @@ _MAX_DEPTH: Final = 8
 _process_writer: NonBlockingLineWriter | None = None
 #: The log file of this process, when twistd's command line names one (:func:`set_log_file`).
 _process_file: _FileSink | None = None
-#: Where the log goes: ``None`` for standard output, else a file name (:func:`set_log_file`).
+#: Where the log goes: ``None`` for standard output (or :data:`_log_fd`), else a file name (:func:`set_log_file`).
 _log_file: str | None = None
+#: The descriptor written when the log goes to no file: 1, or 2 under ``twist --log-file=+``.
+_log_fd: int = 1
+#: The observer :func:`install` gave the application (``twist`` asks for it: :func:`use_twist_options`).
+_installed: LogObserver | None = None
 
 
 def escape_controls(text: str) -> str:
@@ -291,6 +297,38 @@ def set_log_file(logfile: str | None, nodaemon: bool) -> None:
     _log_file = None if logfile == "-" or (nodaemon and not logfile) else (logfile or "twistd.log")
 
 
+def use_twist_options(options: MutableMapping[str, Any]) -> None:
+    """Under ``twist`` (``options`` are its command line; the plugins' option parser calls this): log through the
+    observer :func:`install` gives the application, where ``--log-file`` says (``-``, the default: standard
+    output; ``+``: standard error; a name: that file, rotated on SIGUSR1 and at 1 MB as under twistd).
+
+    twist has no application observer: after making the service it builds its own from the options'
+    ``fileLogObserverFactory`` (blocking writes, its own JSON, no audit lines, ``logging`` ignored). That
+    factory is replaced by one returning :func:`install`'s observer, and twist's level filter is opened to
+    ``debug``: ``logging.level`` and ``logging.format`` decide, as under twistd (``--log-level`` and
+    ``--log-format`` are not used).
+    """
+    global _log_file, _log_fd
+    log_file = options.get("logFile")
+    name = getattr(log_file, "name", None)
+    if isinstance(name, str) and not name.startswith("<"):  # a file twist opened by name ("<stdout>" is not)
+        _log_file, _log_fd = name, 1
+    else:
+        try:
+            fd = log_file.fileno() if log_file is not None else 1
+        except (AttributeError, OSError, ValueError):  # not a real file (a test's stand-in)
+            fd = 1
+        _log_file, _log_fd = None, 2 if fd == 2 or name == "<stderr>" else 1
+    options["fileLogObserverFactory"] = _twist_observer
+    options["logLevel"] = LogLevel.debug
+
+
+def _twist_observer(_log_file_object: Any) -> LogObserver:
+    """twist's ``fileLogObserverFactory``: the observer :func:`install` made (the configured one), or, if no
+    service installed one, one for the default ``logging`` configuration."""
+    return _installed if _installed is not None else observer_for(LoggingConfig())
+
+
 class _FileSink:
     """Lines to a twistd-style rotating log file; a failed write drops the line and counts it."""
 
@@ -330,7 +368,7 @@ def _open_stdout(fd: int = 1) -> NonBlockingLineWriter:
 def _stdout_writer() -> NonBlockingLineWriter:
     global _process_writer
     if _process_writer is None:
-        _process_writer = _open_stdout(1)
+        _process_writer = _open_stdout(_log_fd)
         atexit.register(_process_writer.flush, FINAL_FLUSH_SECONDS)
     return _process_writer
 
@@ -380,6 +418,8 @@ def install(parent: Any, config: LoggingConfig, reactor: Any = None, *, sink: Li
         if reactor is not None and _process_file is not None and signals:
             _install_rotation(_process_file, reactor)
     parent.setComponent(ILogObserver, observer)
+    global _installed
+    _installed = observer
     if reactor is not None and signals:
         _install_toggle(observer, reactor)
     return observer

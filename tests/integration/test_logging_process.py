@@ -1,5 +1,6 @@
-"""The proxy as a real ``twistd -n connproxy`` process whose standard output is a pipe nobody reads: it keeps
-serving (the log never blocks the reactor), stops on SIGTERM, and leaves no pid file behind."""
+"""The proxy as a real ``twistd -n connproxy`` (and ``twist connproxy``) process whose standard output is a pipe
+nobody reads: it keeps serving (the log never blocks the reactor), writes the configured log format, stops on
+SIGTERM with status 0, and leaves no pid file behind."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 import yaml
 from twisted.internet import reactor
@@ -91,8 +93,14 @@ class Collect(Unread):
     errReceived = outReceived
 
 
+#: The two ways the contract names to run the proxy. ``twist`` builds its own (blocking) log observer unless
+#: connproxy hands it the configured one (``connproxy.obs.logs.use_twist_options``).
+RUNNERS = {"twistd": ["twistd", "-n"], "twist": ["twist"]}
+
+
+@pytest.mark.parametrize("runner", sorted(RUNNERS))
 @pytest_twisted.inlineCallbacks
-def test_unread_stdout_does_not_stop_the_proxy(tmp_path: Path) -> Any:
+def test_unread_stdout_does_not_stop_the_proxy(tmp_path: Path, runner: str) -> Any:
     read_end, write_end = os.pipe()
     env = {**os.environ, "CONNPROXY_STATE_DIR": str(tmp_path / "state")}
     blocked, other = Unread(), Collect()
@@ -100,7 +108,9 @@ def test_unread_stdout_does_not_stop_the_proxy(tmp_path: Path) -> Any:
     try:
         # Two proxies in the same working directory, without --pidfile: no "Another twistd server is running".
         for n, (child, port) in enumerate(zip((blocked, other), ports, strict=True)):
-            args = [str(BIN / "twistd"), "-n", "connproxy", "--config", str(proxy_config(tmp_path, port, f"p{n}"))]
+            command = RUNNERS[runner]
+            args = [str(BIN / command[0]), *command[1:], "connproxy", "--config",
+                    str(proxy_config(tmp_path, port, f"p{n}"))]
             fds: dict[int, Any] = {0: "w", 1: write_end, 2: write_end} if child is blocked else {0: "w", 1: "r", 2: "r"}
             reactor.spawnProcess(child, args[0], args, env=env, path=str(tmp_path), childFDs=fds)
         yield wait_for(lambda: all(accepts(p) for p in ports), timeout=30)
@@ -109,13 +119,15 @@ def test_unread_stdout_does_not_stop_the_proxy(tmp_path: Path) -> Any:
         assert answered == REQUESTS
         os.kill(blocked.transport.pid, signal.SIGTERM)  # type: ignore[attr-defined]
         stopping = reactor.seconds()
-        yield blocked.ended
+        ended = yield blocked.ended
         assert reactor.seconds() - stopping < 10
-        # What reached the pipe is whole lines of the log.
+        assert ended.exitCode == 0 and ended.signal is None
+        # What reached the pipe is whole lines of the log, in the configured (console) format, with no log file.
         os.set_blocking(read_end, False)
         lines = os.read(read_end, 1 << 20).split(b"\n")
         assert len(lines) > 100 and b"failed: no connector" in lines[-2]
         assert all(line.startswith((b"20", b"\t")) for line in lines[:-1])
+        assert not list(tmp_path.glob("*.log"))
         # The other process, started in the same folder, was not disturbed.
         assert (yield deferToThread(refused_requests, ports[1], 3, time.monotonic() + 30)) == 3
         assert b"Another twistd server" not in other.output

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -276,7 +277,7 @@ def test_both_services_install_the_observer_with_their_reactor(tmp_path: Any,
     from twisted.internet.testing import MemoryReactorClock
 
     from connproxy.config import connector_config_from_mapping, embedded_proxy_config
-    from connproxy.connector.dialer import make_connector_service
+    from connproxy.connector.service import make_connector_process
     from connproxy.proxy.service import ProxyService
 
     monkeypatch.setenv("CONNPROXY_STATE_DIR", str(tmp_path / "state"))
@@ -284,12 +285,41 @@ def test_both_services_install_the_observer_with_their_reactor(tmp_path: Any,
     monkeypatch.setattr(logs, "install", lambda *args: calls.append(args))
     reactor = MemoryReactorClock()
     proxy = ProxyService(embedded_proxy_config(), reactor)
-    connector = make_connector_service(
+    connector = make_connector_process(
         connector_config_from_mapping({"subaccountId": "t", "proxy": {"host": "127.0.0.1", "port": 1}}), reactor)
     for service in (proxy, connector):
         app = Application("connproxy")
         service.setServiceParent(app)
+        # Once per process (the connector's tunnel service inside the process does not install one of its own),
+        # with the reactor: SIGUSR2, SIGUSR1 rotation and the writer waiting for writability need it.
         assert calls[-1] == (app, service.config.logging, reactor)
+    assert len(calls) == 2
+
+
+def test_under_twist_the_installed_observer_is_handed_to_twist(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Any) -> None:
+    """``twist`` builds its observer from its options' factory after the service joined the application: the
+    factory must give the configured observer (console format, our level, audit lines), with twist's own level
+    filter opened to ``debug``; ``--log-file`` picks standard output, standard error or a file."""
+    from twisted.application.twist._options import TwistOptions
+
+    monkeypatch.setattr(logs, "_installed", None)
+    monkeypatch.setattr(logs, "_log_file", None)
+    monkeypatch.setattr(logs, "_log_fd", 1)
+    options = TwistOptions()
+    logs.use_twist_options(options)
+    assert options["logLevel"] == LogLevel.debug
+    assert (logs._log_file, logs._log_fd) == (None, 1)  # twist's default: standard output
+    lines: list[str] = []
+    installed = install(Application("connproxy"), LoggingConfig(format="json"), sink=lines.append)
+    assert installed is not None and options["fileLogObserverFactory"](sys.stdout) is installed
+    options["logFile"] = sys.__stderr__  # what --log-file=+ gives outside pytest's capture
+    logs.use_twist_options(options)
+    assert (logs._log_file, logs._log_fd) == (None, 2)
+    options.opt_log_file(str(tmp_path / "proxy.log"))
+    logs.use_twist_options(options)
+    assert (logs._log_file, logs._log_fd) == (str(tmp_path / "proxy.log"), 1)
+    options["logFile"].close()
 
 
 def test_a_closed_stdout_drops_and_counts(monkeypatch: pytest.MonkeyPatch) -> None:
