@@ -1,6 +1,7 @@
 """Process lifecycle with real twistd processes: readiness, the drain on SIGTERM (a transfer in flight completes,
 a stream still open at ``shutdown.drainTimeoutSeconds`` is reset, new connections are refused, exit status 0),
-and live reload on SIGHUP or a changed file (the connector's ``accessControl``, the proxy's ``allowedClientId``)."""
+and live reload on SIGHUP or a changed file (the connector's ``accessControl``; the proxy's ``allowedClientId`` and
+token keys, with a connector's tunnel and a stream on it kept throughout)."""
 
 from __future__ import annotations
 
@@ -367,51 +368,92 @@ def token(folder: Path, client_id: str) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_proxy_reloads_allowed_client_ids(stack: Stack) -> Any:
-    keys = stack.tmp / "keys"
+def test_proxy_reloads_allowed_client_ids_and_token_keys(stack: Stack) -> Any:
+    """SIGHUP on the proxy: a new ``allowedClientId`` and a rotated token key apply to the next request, while a
+    connector's tunnel and a stream on it stay up throughout; a reload naming a missing keys file is refused."""
+    keys, rotated = stack.tmp / "keys", stack.tmp / "keys-rotated"
     token_a = yield token(keys, "sb-a")
     token_b = yield token(keys, "sb-b")
+    token_new = yield token(rotated, "sb-a")  # signed by another key, unknown to the proxy at first
+    echo = yield serve(Echo)
+    stack.ports.append(echo)
     ports = {"tunnel": free_port(), "socks": free_port(), "metrics": free_port()}
     data = proxy_yaml(stack, ports)
     socks = data["servers"]["proxy"]["socks5"]
     socks["enableProxyAuthorization"] = True
-    data["servers"]["proxy"]["authorization"] = {
-        "oauth": {"allowedClientId": ["sb-a"], "tokenKeysFile": str(keys / "token_keys.json")}}
+    oauth = {"allowedClientId": ["sb-a"], "tokenKeysFile": str(keys / "token_keys.json")}
+    data["servers"]["proxy"]["authorization"] = {"oauth": oauth}
     config = stack.tmp / "proxy.yaml"
     config.write_text(yaml.safe_dump(data))
     child = twistd("connproxy", config)
+    connector_metrics = free_port()
+    connector_config = stack.tmp / "connector.yaml"
+    connector_config.write_text(yaml.safe_dump(connector_yaml(
+        stack, ports["tunnel"], [tcp_rule("echo.internal", 7, echo.getHost().port)], connector_metrics)))
+    connector = twistd("connproxy-connector", connector_config)
+
+    def reloaded(count: int) -> Any:
+        os.kill(child.transport.pid, signal.SIGHUP)
+        return wait_for(lambda: bytes(child.output).count(b"configuration reloaded") == count, timeout=10)
+
     try:
         yield poll_status(ports["metrics"], "/ready", 200)
-        _c, reply = yield socks_connect(ports["socks"], "x.internal", 1, token=token_a)
-        assert reply == 0x03  # authorized; no connector
-        _c, refused = yield socks_connect(ports["socks"], "x.internal", 1, token=token_b)
-        assert refused not in (0, 0x03)  # refused before routing
+        yield poll_status(connector_metrics, "/ready", 200)
+        inflight, reply = yield socks_connect(ports["socks"], "echo.internal", 7, token=token_a)
+        assert reply == 0
+        inflight.transport.write(b"before")
+        yield wait_for(lambda: inflight.received >= 6)
+        for refused_token in (token_b, token_new):  # client not allowed; key not known
+            _c, refused = yield socks_connect(ports["socks"], "echo.internal", 7, token=refused_token)
+            assert refused not in (0, 0x03)  # refused before routing
 
-        data["servers"]["proxy"]["authorization"]["oauth"]["allowedClientId"] = ["sb-a", "sb-b"]
+        oauth["allowedClientId"] = ["sb-a", "sb-b"]
         config.write_text(yaml.safe_dump(data))
-        os.kill(child.transport.pid, signal.SIGHUP)
-        yield wait_for(lambda: b"configuration reloaded" in child.output, timeout=10)
-        _c, reply = yield socks_connect(ports["socks"], "x.internal", 1, token=token_b)
-        assert reply == 0x03
+        yield reloaded(1)
+        client, reply = yield socks_connect(ports["socks"], "echo.internal", 7, token=token_b)
+        assert reply == 0
+        client.transport.loseConnection()
 
-        data["servers"]["proxy"]["authorization"]["oauth"]["tokenKeysFile"] = str(keys / "missing.json")
+        # The token key rotated: the keys file named now holds only the new key.
+        oauth["tokenKeysFile"] = str(rotated / "token_keys.json")
+        config.write_text(yaml.safe_dump(data))
+        yield reloaded(2)
+        client, reply = yield socks_connect(ports["socks"], "echo.internal", 7, token=token_new)
+        assert reply == 0
+        client.transport.loseConnection()
+        _c, refused = yield socks_connect(ports["socks"], "echo.internal", 7, token=token_a)
+        assert refused not in (0, 0x03)  # signed by the old key
+
+        oauth["tokenKeysFile"] = str(keys / "missing.json")
         config.write_text(yaml.safe_dump(data))
         os.kill(child.transport.pid, signal.SIGHUP)
         yield wait_for(lambda: b"reload (SIGHUP) refused" in child.output, timeout=10)
         refusals = [line for line in bytes(child.output).splitlines() if b"reload (SIGHUP) refused" in line]
         assert len(refusals) == 1 and b"tokenKeysFile" in refusals[0], refusals
-        _c, reply = yield socks_connect(ports["socks"], "x.internal", 1, token=token_b)
-        assert reply == 0x03  # the running configuration stays
+        client, reply = yield socks_connect(ports["socks"], "echo.internal", 7, token=token_new)
+        assert reply == 0  # the running configuration stays
+        client.transport.loseConnection()
 
+        # The stream opened before the first reload still echoes: neither it nor its tunnel was dropped, and the
+        # connector connected once.
+        inflight.transport.write(b"after")
+        yield wait_for(lambda: inflight.received >= 11)
+        assert bytes(connector.output).count(b"tunnel established to proxy") == 1, bytes(connector.output[-3000:])
         status, text = yield http_get(ports["metrics"], "/metrics")
         excerpt = [line for line in text.decode().splitlines()
-                   if line.startswith(("connproxy_config_reloads_total", "connproxy_token_failures_total"))]
+                   if line.startswith(("connproxy_config_reloads_total", "connproxy_token_failures_total",
+                                       "connectivity_business_data_tunnels_count"))]
         print("proxy /metrics excerpt:\n" + "\n".join(excerpt))
-        assert 'connproxy_config_reloads_total{result="ok"} 1.0' in excerpt
+        assert 'connproxy_config_reloads_total{result="ok"} 2.0' in excerpt
         assert 'connproxy_config_reloads_total{result="error"} 1.0' in excerpt
         assert 'connproxy_token_failures_total{front_end="socks5",reason="client_not_allowed"} 1.0' in excerpt
+        assert any(line.startswith("connectivity_business_data_tunnels_count") and line.endswith(" 1.0")
+                   for line in excerpt)
+        inflight.transport.loseConnection()
+        yield inflight.done
     finally:
-        if child.transport.pid is not None:
-            os.kill(child.transport.pid, signal.SIGTERM)
-            ended = yield child.ended
-            assert isinstance(ended, ProcessDone), bytes(child.output[-2000:])
+        for process in (connector, child):
+            if process.transport.pid is not None:
+                os.kill(process.transport.pid, signal.SIGTERM)
+                ended = yield process.ended
+                assert isinstance(ended, ProcessDone), bytes(process.output[-2000:])
