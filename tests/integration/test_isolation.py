@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 from twisted.internet.protocol import Protocol
 
@@ -24,21 +23,6 @@ class Name(Protocol):
     def connectionMade(self) -> None:
         self.transport.write(self.factory.name)  # type: ignore[attr-defined]
         self.transport.loseConnection()
-
-
-@pytest.fixture
-def log_text() -> Any:
-    """Everything logged during the test, formatted and raw, to check that no token leaks into logs."""
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    lines: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        lines.append(formatEvent(event) + repr(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def authorization(tokens: Path, **extra: Any) -> dict[str, Any]:

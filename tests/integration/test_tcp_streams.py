@@ -219,13 +219,17 @@ def test_routing_by_location_and_least_loaded(stack: Stack) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_connector_cannot_claim_another_tenant(stack: Stack) -> Any:
+def test_connector_cannot_claim_another_tenant(stack: Stack, log_text: list[str]) -> Any:
     stack.start_proxy()
     impostor = stack.start_connector(subaccount="tenant-a", claim_subaccount="tenant-b", connector_id="evil")
     yield wait_for(lambda: any("tunnel handshake failure" in line for line in stack.audit))
     assert stack.proxy.registry.count() == 0
     failure = next(line for line in stack.audit if "tunnel handshake failure" in line)
     assert "tenant-b" in failure and "tenant-a" in failure
+    # The connector logs why (and keeps retrying: tests/unit/test_connector.py).
+    yield wait_for(lambda: any(line.startswith("the proxy refused this connector's identity: ") for line in log_text))
+    refusal = next(line for line in log_text if line.startswith("the proxy refused this connector's identity: "))
+    assert "tenant-b" in refusal.split("{", 1)[0], refusal
     # Bound location: a certificate for loc-1 cannot register loc-2.
     located = stack.start_connector(location="loc-2", bind_location=False, connector_id="loc")
     yield located.when_up()  # unbound certificate: the handshake's location is used
