@@ -1,6 +1,7 @@
-"""The proxy as a real ``twistd -n connproxy`` (and ``twist connproxy``) process whose standard output is a pipe
-nobody reads: it keeps serving (the log never blocks the reactor), writes the configured log format, stops on
-SIGTERM with status 0, and leaves no pid file behind."""
+"""The proxy as a real ``twistd -n connproxy`` (and ``twist connproxy``) process, and the connector as a real
+``twistd -n connproxy-connector`` process, whose standard output is a pipe nobody reads: each keeps serving (the
+log never blocks the reactor), writes the configured log format, stops on SIGTERM with status 0, and leaves no
+pid file behind."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 
-from tests.harness import free_port, wait_for
+from tests.harness import Stack, free_port, tcp_rule, wait_for
+from tests.integration.test_processes import connector_config
 
 BIN = Path(sys.executable).parent
 #: Enough refused requests to write several times a pipe's 64 KiB of log lines (~280 bytes each).
@@ -139,3 +141,62 @@ def test_unread_stdout_does_not_stop_the_proxy(tmp_path: Path, runner: str) -> A
         os.close(read_end)
         yield blocked.ended
         yield other.ended
+
+
+def denied_connects(port: int, count: int, deadline: float) -> int:
+    """``count`` SOCKS5 CONNECTs (no authentication) to a target the connector's access control denies, one
+    connection each (blocking: run it in a thread); returns how many got reply ``0x02`` before the first that
+    did not, or the deadline."""
+    host = b"denied.internal"
+    request = b"\x05\x01\x00\x03" + bytes([len(host)]) + host + (9).to_bytes(2, "big")
+    answered = 0
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            break
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"\x05\x01\x00")
+                if sock.recv(2) != b"\x05\x00":
+                    break
+                sock.sendall(request)
+                if sock.recv(10)[:2] != b"\x05\x02":
+                    break
+        except OSError:
+            break
+        answered += 1
+    return answered
+
+
+@pytest_twisted.inlineCallbacks
+def test_unread_stdout_does_not_stop_the_connector(stack: Stack) -> Any:
+    """Each denied CONNECT makes the connector write an audit line and a log line (~700 bytes): 600 of them fill
+    an unread pipe many times over."""
+    stack.start_proxy()
+    assert stack.proxy is not None
+    read_end, write_end = os.pipe()
+    config = connector_config(stack, [tcp_rule("allowed.internal", 1, free_port())])
+    child = Unread()
+    args = [str(BIN / "twistd"), "-n", "connproxy-connector", "--config", str(config)]
+    env = {**os.environ, "CONNPROXY_STATE_DIR": str(stack.tmp / "state")}
+    reactor.spawnProcess(child, args[0], args, env=env, path=str(stack.tmp),
+                         childFDs={0: "w", 1: write_end, 2: write_end})
+    try:
+        yield wait_for(lambda: stack.proxy is not None and stack.proxy.registry.count() == 1, timeout=30)
+        answered = yield deferToThread(denied_connects, stack.socks_port, REQUESTS, time.monotonic() + 120)
+        assert answered == REQUESTS
+        os.kill(child.transport.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+        stopping = reactor.seconds()
+        ended = yield child.ended
+        assert reactor.seconds() - stopping < 10
+        assert ended.exitCode == 0 and ended.signal is None
+        os.set_blocking(read_end, False)
+        lines = os.read(read_end, 1 << 20).split(b"\n")
+        assert len(lines) > 100 and any(b"[AUDIT-EVENT]" in line and b"access denied" in line for line in lines)
+        assert all(line.startswith((b"20", b"\t", b"[AUDIT-EVENT]")) for line in lines[:-1])
+        assert not (stack.tmp / "twistd.pid").exists() and not list(stack.tmp.glob("*.log"))
+    finally:
+        if child.transport.pid is not None:  # type: ignore[attr-defined]
+            os.kill(child.transport.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+        os.close(write_end)
+        os.close(read_end)
+        yield child.ended
