@@ -27,6 +27,7 @@ export PATH="$PATH:$PWD/.venv/bin"
 .venv/bin/pytest -p no:twisted -q tests/unit "$@"
 .venv/bin/pytest -q tests/integration "$@"
 .venv/bin/python bench/run.py --smoke  # the benchmark in seconds (tiny sizes, no timing claims), so it cannot rot
+.venv/bin/python bench/floor.py --smoke | tail -n 1  # the bare-relay floor (bench/floor.py), likewise
 ./scripts/fuzz-smoke.sh
 # The soak run's short form (bench/soak.py: 10 minutes by default).
 .venv/bin/python bench/soak.py --duration 20 --clients 12 --stallers 2 --restart-every 8 --max-size 1048576 >/tmp/connproxy-soak.json
