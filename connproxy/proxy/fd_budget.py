@@ -5,11 +5,9 @@ Every accepted connection is a file descriptor. The configured limits (``servers
 maxConnections`` per front end, ``servers.businessDataTunnel.maxConnections``: 10,000 each by default) only
 protect the process if they are reached *before* the descriptors run out: past that, ``accept()`` fails with
 EMFILE on every port at once, the tunnel port and the health check included. So, as the process (twistd), the
-proxy first raises its soft open-file limit to the hard one (:func:`raise_nofile`). If the listeners' limits
-together with :data:`RESERVED_FDS` still do not fit, the tunnel port keeps its share in proportion (:func:`fit`),
-so that connectors can always reach the proxy, and the front ends share the rest (:class:`SharedLimit`): one busy
-front end may use what an idle one does not, as 10,000 SOCKS5 streams over one tunnel need. One warning names the
-keys and the limit to raise. The per-client limits are capped at the lowered totals.
+proxy first raises its soft open-file limit to the hard one (:func:`raise_nofile`), then, if the listeners'
+limits together with :data:`RESERVED_FDS` still do not fit, lowers each in proportion (:func:`fit`) and says so in
+one warning that names the keys and the limit to raise. The per-client limits are capped at the lowered totals.
 """
 
 from __future__ import annotations
@@ -41,17 +39,6 @@ def raise_nofile() -> int:
     return -1 if soft == resource.RLIM_INFINITY else int(soft)
 
 
-class SharedLimit:
-    """Connections open at once across the listeners that hold this object, against one ``limit``: the front ends'
-    share of the open-file budget (``ConnectionCounts.shared``)."""
-
-    __slots__ = ("limit", "in_use")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_use = 0
-
-
 def fit(limits: Mapping[str, int], nofile: int, reserved: int = RESERVED_FDS) -> dict[str, int]:
     """The limits (name to connections at once) scaled down in proportion so that together with ``reserved``
     they fit in ``nofile`` descriptors; unchanged when they fit already or ``nofile`` is unknown (``< 0``).
@@ -61,9 +48,3 @@ def fit(limits: Mapping[str, int], nofile: int, reserved: int = RESERVED_FDS) ->
     if nofile < 0 or total <= budget:
         return dict(limits)
     return {name: max(1, value * budget // total) for name, value in limits.items()}
-
-
-def shared_budget(nofile: int, kept: int, reserved: int = RESERVED_FDS) -> int:
-    """What the front ends share of ``nofile`` descriptors once ``reserved`` and the ``kept`` share of the tunnel
-    port are set aside (at least 1)."""
-    return max(1, nofile - reserved - kept)

@@ -14,7 +14,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from connproxy.obs import audit
-from connproxy.proxy.fd_budget import SharedLimit
 from connproxy.proxy.routing import Router
 
 #: Refused connections are logged at most once per this many seconds (the count in between is in the line).
@@ -43,8 +42,6 @@ class ConnectionCounts:
     #: Connections open now, in total and by client address.
     connections: int
     by_client: dict[str, int]
-    #: A budget shared with other listeners (the front ends' share of the open files), or None.
-    shared: SharedLimit | None = None
 
     def init_counts(self, max_connections: int, max_connections_per_client: int) -> None:
         """Set the limits; nothing is open yet."""
@@ -55,9 +52,6 @@ class ConnectionCounts:
 
     def over_limit(self, key: str) -> tuple[str, int] | None:
         """The limit (key name, value) one more connection from ``key`` would exceed, or ``None``."""
-        shared = self.shared
-        if shared is not None and shared.in_use >= shared.limit:
-            return "open_files", shared.limit
         if self.connections >= self.max_connections:
             return "max_connections", self.max_connections
         if self.by_client.get(key, 0) >= self.max_connections_per_client:
@@ -66,15 +60,11 @@ class ConnectionCounts:
 
     def count_in(self, key: str) -> None:
         """A connection from ``key`` was admitted."""
-        if self.shared is not None:
-            self.shared.in_use += 1
         self.connections += 1
         self.by_client[key] = self.by_client.get(key, 0) + 1
 
     def count_out(self, key: str) -> None:
         """A connection from ``key`` ended (call once per :meth:`count_in`)."""
-        if self.shared is not None:
-            self.shared.in_use -= 1
         self.connections -= 1
         left = self.by_client.get(key, 0) - 1
         if left > 0:

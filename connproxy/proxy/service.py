@@ -50,8 +50,6 @@ log = Logger(namespace="connproxy.proxy.service")
 
 #: Proxy configuration keys a reload applies (everything else needs a restart).
 RELOADABLE = ("servers.proxy.authorization.oauth",)
-#: :meth:`ProxyService.fit_connection_limits`'s key for the front ends' shared connection budget.
-FRONT_ENDS_SHARED = "servers.proxy.clientConnection (front ends together)"
 
 #: Seconds a drain may take beyond ``drainTimeoutSeconds`` for tunnels to close after their streams were reset.
 CLOSE_MARGIN = 5.0
@@ -281,37 +279,28 @@ class ProxyService(MultiService):
             )
 
     def fit_connection_limits(self, nofile: int) -> dict[str, int]:
-        """Fit the listeners' connection limits to ``nofile`` open files (:mod:`connproxy.proxy.fd_budget`) where
-        together they do not fit: the tunnel port keeps its share in proportion, the front ends share the rest
-        (each capped at it, the per-client limits too). One warning says what was lowered. Returns the limits
-        now in force by key, with the front ends' shared budget under ``FRONT_ENDS_SHARED``."""
+        """Lower the listeners' connection limits (and the per-client ones with them) where together they do not
+        fit in ``nofile`` open files (:mod:`connproxy.proxy.fd_budget`); one warning names what was lowered.
+        Returns the limits now in force by key."""
         client_key = "servers.proxy.clientConnection.maxConnections"
-        tunnel_key = "servers.businessDataTunnel.maxConnections"
-        front_ends: dict[str, ConnectionCounts] = {f"{client_key} ({label})": factory
-                                                   for label, (_fe, factory) in self.front_ends.items()}
-        holders: dict[str, ConnectionCounts] = {**front_ends, tunnel_key: self.tunnel_admission}
+        holders: dict[str, ConnectionCounts] = {f"{client_key} ({label})": factory
+                                                for label, (_fe, factory) in self.front_ends.items()}
+        holders["servers.businessDataTunnel.maxConnections"] = self.tunnel_admission
         configured = {key: holder.max_connections for key, holder in holders.items()}
         fitted = fd_budget.fit(configured, nofile)
-        if fitted == configured:
-            return configured
-        kept = fitted[tunnel_key]
-        shared = fd_budget.SharedLimit(fd_budget.shared_budget(nofile, kept))
-        in_force = {tunnel_key: kept, FRONT_ENDS_SHARED: shared.limit}
-        self.tunnel_admission.max_connections = kept
-        for key, factory in front_ends.items():
-            factory.shared = shared
-            factory.max_connections = in_force[key] = min(configured[key], shared.limit)
-        for holder in holders.values():
-            holder.max_connections_per_client = min(holder.max_connections_per_client, holder.max_connections)
-        log.warn(
-            "the open-file limit ({nofile}) cannot hold the configured connection limits ({configured}, plus "
-            "{reserved} reserved): the tunnel port keeps {kept}, the front ends share {shared} (each at most "
-            "its own limit), per-client limits capped at them; raise the limit (ulimit -n, LimitNOFILE, the "
-            "container runtime's nofile) to keep them",
-            nofile=nofile, reserved=fd_budget.RESERVED_FDS, kept=kept, shared=shared.limit,
-            configured=", ".join(f"{k} {v}" for k, v in configured.items()),
-        )
-        return in_force
+        for key, holder in holders.items():
+            holder.max_connections = fitted[key]
+            holder.max_connections_per_client = min(holder.max_connections_per_client, fitted[key])
+        if fitted != configured:
+            log.warn(
+                "the open-file limit ({nofile}) cannot hold the configured connection limits ({configured}, plus "
+                "{reserved} reserved): lowered to {fitted} for this process, per-client limits capped at them; "
+                "raise the limit (ulimit -n, LimitNOFILE, the container runtime's nofile) to keep them",
+                nofile=nofile, reserved=fd_budget.RESERVED_FDS,
+                configured=", ".join(f"{k} {v}" for k, v in configured.items()),
+                fitted=", ".join(f"{k} {v}" for k, v in fitted.items()),
+            )
+        return fitted
 
     def _watched_key_files(self) -> list[str]:
         oauth = self.config.oauth

@@ -13,7 +13,7 @@ from twisted.logger import LogEvent, globalLogPublisher
 
 from connproxy.config import embedded_proxy_config
 from connproxy.proxy import fd_budget
-from connproxy.proxy.service import FRONT_ENDS_SHARED, ProxyService
+from connproxy.proxy.service import ProxyService
 
 
 def test_limits_that_fit_are_kept() -> None:
@@ -60,37 +60,14 @@ def test_the_service_lowers_its_listeners_limits_and_says_which(tmp_path: Path,
         globalLogPublisher.removeObserver(events.append)
     socks, http = service.front_ends["socks5"][1], service.front_ends["http"][1]
     admission = service.tunnel_admission
-    # The tunnel port keeps its proportional share, (1024 - 64) / 3; the front ends share the rest.
-    assert admission.max_connections == 320 and admission.max_connections_per_client == 320
-    assert fitted[FRONT_ENDS_SHARED] == 1024 - 64 - 320 == socks.max_connections == http.max_connections
-    assert socks.max_connections_per_client == http.max_connections_per_client == 640  # capped (1,000 configured)
+    assert (socks.max_connections, http.max_connections, admission.max_connections) == (320, 320, 320)
+    assert socks.max_connections_per_client == http.max_connections_per_client == 320  # capped (1,000 configured)
     assert set(fitted) == {"servers.proxy.clientConnection.maxConnections (socks5)",
                            "servers.proxy.clientConnection.maxConnections (http)",
-                           "servers.businessDataTunnel.maxConnections", FRONT_ENDS_SHARED}
+                           "servers.businessDataTunnel.maxConnections"}
     (warning,) = [e for e in events if "open-file limit" in e.get("log_format", "")]
     assert warning["nofile"] == 1024 and "servers.businessDataTunnel.maxConnections 10000" in warning["configured"]
-    assert (warning["kept"], warning["shared"]) == (320, 640)
     # With room enough nothing changes and nothing is said.
     roomy = ProxyService(embedded_proxy_config(), MemoryReactorClock())
     assert set(roomy.fit_connection_limits(1 << 20).values()) == {10_000}
     assert roomy.tunnel_admission.max_connections_per_client == 1_000
-
-
-def test_the_front_ends_share_their_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One busy front end may take what the idle one does not use; together they stop at the shared budget, and
-    a connection that ends gives its place back to either."""
-    monkeypatch.setenv("CONNPROXY_STATE_DIR", str(tmp_path / "state"))
-    service = ProxyService(embedded_proxy_config(), MemoryReactorClock())
-    fitted = service.fit_connection_limits(1024)
-    socks, http = service.front_ends["socks5"][1], service.front_ends["http"][1]
-    shared = fitted[FRONT_ENDS_SHARED]
-    for i in range(shared - 1):  # from many clients: the per-client limit is not what is tested here
-        assert socks.over_limit(f"10.0.{i // 250}.{i % 250}") is None
-        socks.count_in(f"10.0.{i // 250}.{i % 250}")
-    assert socks.connections == shared - 1 > 320  # more than an even three-way split would have given it
-    assert http.over_limit("10.9.0.1") is None
-    http.count_in("10.9.0.1")
-    assert socks.over_limit("10.9.0.2") == http.over_limit("10.9.0.2") == ("open_files", shared)
-    assert service.tunnel_admission.over_limit("10.9.0.2") is None  # the tunnel port's share is its own
-    socks.count_out("10.0.0.0")
-    assert http.over_limit("10.9.0.2") is None
