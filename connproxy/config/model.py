@@ -127,6 +127,8 @@ class FrontEndConfig:
     port: int = DEFAULT_SOCKS5_PORT
     enable_proxy_authorization: bool = True
     allow_remote_connections: bool = True
+    #: Connections to this front end at once; None: ``clientConnection.max_connections``.
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class ClientConnectionConfig:
     first_byte_timeout_seconds: float = 120.0
     #: A request body that makes no progress for this long ends the exchange (408 before any answer).
     body_timeout_seconds: float = 60.0
-    #: Connections per front end at once; further ones are closed at accept.
+    #: Connections per front end at once (unless the front end sets its own); further ones are closed at accept.
     max_connections: int = 10_000
     #: Connections from one client address per front end at once.
     max_connections_per_client: int = 1_000

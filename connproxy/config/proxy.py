@@ -237,6 +237,11 @@ def _front_end_keys(port: int, name: str) -> tuple[Key, ...]:
             "that can reach the port is served."),
         Key("allowRemoteConnections", Bool(), _FE.allow_remote_connections,
             "true: listen on all interfaces (0.0.0.0); false: loopback (127.0.0.1) only.", exposes=True),
+        Key("maxConnections", Integer(1, 1_000_000), None,
+            f"Connections to the {name} front end at once, where it needs another limit than "
+            "servers.proxy.clientConnection.maxConnections (for example many SOCKS5 streams beside a small "
+            "HTTP proxy within one open-file limit); further ones are closed at accept.",
+            default_text="servers.proxy.clientConnection.maxConnections"),
     )
 
 
@@ -377,6 +382,7 @@ def _front_end(section: Section) -> dict[str, Any]:
         "port": section.get("port"),
         "enable_proxy_authorization": section.get("enableProxyAuthorization"),
         "allow_remote_connections": section.get("allowRemoteConnections"),
+        "max_connections": section.get("maxConnections"),
     }
 
 

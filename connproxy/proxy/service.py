@@ -159,12 +159,12 @@ class ProxyService(MultiService):
         self.socks_listener: Listener | None = None
         self.http_listener: Listener | None = None
 
-        def common(authorization_enabled: bool) -> FrontEndOptions:
-            """What both front ends' factories take alike, with whether this one requires a token."""
+        def common(fe: FrontEndConfig) -> FrontEndOptions:
+            """What both front ends' factories take alike, with this one's authorization and connection limit."""
             return FrontEndOptions(
-                authorization_enabled=authorization_enabled,
+                authorization_enabled=fe.enable_proxy_authorization,
                 idle_timeout=float(config.client_connection.idle_timeout_seconds),
-                max_connections=config.client_connection.max_connections,
+                max_connections=fe.max_connections or config.client_connection.max_connections,
                 max_connections_per_client=config.client_connection.max_connections_per_client,
                 metrics=self.metrics,
                 audit_writer=audit_writer,
@@ -176,7 +176,7 @@ class ProxyService(MultiService):
             factory = Socks5Factory(
                 self.router, authorizer, reactor,
                 handshake_timeout=float(config.client_connection.handshake_timeout_seconds),
-                **common(fe.enable_proxy_authorization),
+                **common(fe),
             )
             self.socks_listener = Listener(
                 "SOCKS5 proxy",
@@ -196,7 +196,7 @@ class ProxyService(MultiService):
                 header_timeout=float(config.client_connection.handshake_timeout_seconds),
                 first_byte_timeout=float(config.client_connection.first_byte_timeout_seconds),
                 body_timeout=float(config.client_connection.body_timeout_seconds),
-                **common(http.enable_proxy_authorization),
+                **common(http),
             )
             self.http_listener = Listener(
                 "HTTP proxy",
@@ -282,9 +282,12 @@ class ProxyService(MultiService):
         """Lower the listeners' connection limits (and the per-client ones with them) where together they do not
         fit in ``nofile`` open files (:mod:`connproxy.proxy.fd_budget`); one warning names what was lowered.
         Returns the limits now in force by key."""
-        client_key = "servers.proxy.clientConnection.maxConnections"
-        holders: dict[str, ConnectionCounts] = {f"{client_key} ({label})": factory
-                                                for label, (_fe, factory) in self.front_ends.items()}
+        own = {"socks5": self.config.socks5.max_connections, "http": self.config.http.max_connections}
+        holders: dict[str, ConnectionCounts] = {
+            (f"servers.proxy.{label}.maxConnections" if own.get(label)
+             else f"servers.proxy.clientConnection.maxConnections ({label})"): factory
+            for label, (_fe, factory) in self.front_ends.items()
+        }
         holders["servers.businessDataTunnel.maxConnections"] = self.tunnel_admission
         configured = {key: holder.max_connections for key, holder in holders.items()}
         fitted = fd_budget.fit(configured, nofile)

@@ -71,3 +71,30 @@ def test_the_service_lowers_its_listeners_limits_and_says_which(tmp_path: Path,
     roomy = ProxyService(embedded_proxy_config(), MemoryReactorClock())
     assert set(roomy.fit_connection_limits(1 << 20).values()) == {10_000}
     assert roomy.tunnel_admission.max_connections_per_client == 1_000
+
+
+def test_a_front_end_may_have_its_own_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``servers.proxy.<front end>.maxConnections`` overrides ``clientConnection.maxConnections`` for that front
+    end: many SOCKS5 streams beside a small HTTP proxy fit one open-file limit without being lowered, and where
+    they are lowered the warning names the key that set them."""
+    from connproxy.config import proxy_config_from_mapping
+
+    monkeypatch.setenv("CONNPROXY_STATE_DIR", str(tmp_path / "state"))
+    config = proxy_config_from_mapping({
+        "tenantMode": "dedicated", "subaccountId": "t",
+        "servers": {"businessDataTunnel": {"maxConnections": 3000},
+                    "proxy": {"socks5": {"enableProxyAuthorization": False},
+                              "http": {"enableProxyAuthorization": False, "maxConnections": 2000},
+                              "clientConnection": {"maxConnections": 12000}}},
+    })
+    assert (config.socks5.max_connections, config.http.max_connections) == (None, 2000)
+    service = ProxyService(config, MemoryReactorClock())
+    socks, http = service.front_ends["socks5"][1], service.front_ends["http"][1]
+    assert (socks.max_connections, http.max_connections) == (12000, 2000)
+    assert service.fit_connection_limits(20000) == {  # 17,000 + 64 fit: kept
+        "servers.proxy.clientConnection.maxConnections (socks5)": 12000,
+        "servers.proxy.http.maxConnections": 2000,
+        "servers.businessDataTunnel.maxConnections": 3000,
+    }
+    lowered = ProxyService(config, MemoryReactorClock()).fit_connection_limits(1024)
+    assert lowered["servers.proxy.http.maxConnections"] == 2000 * 960 // 17000
