@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -466,6 +466,39 @@ def nginx(tmp: Path) -> Iterator[int]:
 
 
 # ------------------------------------------------------------------------------------------------ clients
+
+
+def new_connections_per_second(connect: Callable[[], socket.socket], host: str, seconds: float,
+                               clients: int) -> tuple[float, int]:
+    """``clients`` threads that, for ``seconds``, each open a connection with ``connect()``, send one tiny GET
+    (``Connection: close``) for ``/1k`` with ``Host: host`` and read the answer; returns (connections per second,
+    failures). A thread gives up after 100 failures."""
+    deadline = time.monotonic() + seconds
+    done = [0] * clients
+    errors = [0] * clients
+    request = f"GET /1k HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+
+    def client(i: int) -> None:
+        while time.monotonic() < deadline:
+            try:
+                with connect() as s:
+                    s.sendall(request)
+                    if HttpReader(s).response() != 200:
+                        raise OSError("status")
+                done[i] += 1
+            except OSError:
+                errors[i] += 1
+                if errors[i] > 100:
+                    return
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 60)
+    return sum(done) / (time.monotonic() - start), sum(errors)
+
 
 
 def socks_connect(port: int, host: str, target_port: int, timeout: float = 30.0) -> socket.socket:

@@ -34,7 +34,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
-    HttpReader,
     cpu_seconds,
     download,
     free_port,
     mint,
+    new_connections_per_second,
     nginx,
     parse_size,
     source_backend,
@@ -142,32 +141,10 @@ def wrk(port: int, seconds: int, connections: int) -> tuple[float, int, str]:
     return float(rps.group(1)) if rps else 0.0, int(total.group(1)) if total else 0, out
 
 
-def connections_per_second(port: int, seconds: float, clients: int = 16) -> tuple[float, int]:
-    deadline = time.monotonic() + seconds
-    done = [0] * clients
-    errors = [0] * clients
-
-    def client(i: int) -> None:
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    s.sendall(b"GET /1k HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
-                    if HttpReader(s).response() != 200:
-                        raise OSError("status")
-                done[i] += 1
-            except OSError:
-                errors[i] += 1
-                if errors[i] > 100:
-                    return
-
-    start = time.monotonic()
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 60)
-    return sum(done) / (time.monotonic() - start), sum(errors)
+def tcp_connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def main() -> None:
@@ -220,7 +197,8 @@ def main() -> None:
                     after = {role: cpu_seconds(p.pid) for role, p in children.items()}
                     for role in children:
                         run[f"cpu_us_per_request_{role}"] = (after[role] - before[role]) * 1e6 / max(requests, 1)
-                run["connections_per_s"], errors = connections_per_second(ports["cps_in"], cps_seconds)
+                run["connections_per_s"], errors = new_connections_per_second(
+                    lambda: tcp_connect(ports["cps_in"]), "backend", cps_seconds, 16)
                 if errors:
                     raise SystemExit(f"floor: {errors} new connections through the relay failed")
                 before = {role: cpu_seconds(p.pid) for role, p in children.items()}

@@ -47,6 +47,7 @@ from common import (
     http_connect,
     metric,
     mint,
+    new_connections_per_second,
     nginx,
     parse_size,
     proxy_and_connector,
@@ -193,32 +194,9 @@ def http_rps(system: System, sizes: Sizes) -> dict[str, float]:
 
 def socks_cps(system: System, sizes: Sizes) -> dict[str, float]:
     """New SOCKS5 connections per second, each with one tiny GET (``Connection: close``), from 16 clients."""
-    deadline = time.monotonic() + sizes.cps_seconds
-    done = [0] * sizes.cps_clients
-    errors = [0] * sizes.cps_clients
-    host = system.socks_targets["web"][0]
-
-    def client(i: int) -> None:
-        while time.monotonic() < deadline:
-            try:
-                with system.socks("web") as s:
-                    s.sendall(f"GET /1k HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-                    if HttpReader(s).response() != 200:
-                        raise OSError("status")
-                done[i] += 1
-            except OSError:
-                errors[i] += 1
-                if errors[i] > 100:
-                    return
-
-    start = time.monotonic()
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(sizes.cps_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(sizes.cps_seconds + 60)
-    elapsed = time.monotonic() - start
-    return {"connections_per_s": sum(done) / elapsed, "errors": float(sum(errors))}
+    rate, errors = new_connections_per_second(lambda: system.socks("web"), system.socks_targets["web"][0],
+                                              sizes.cps_seconds, sizes.cps_clients)
+    return {"connections_per_s": rate, "errors": float(errors)}
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float, float]:

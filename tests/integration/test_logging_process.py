@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 import yaml
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.threads import deferToThread
 
@@ -82,6 +82,19 @@ def accepts(port: int) -> bool:
     return True
 
 
+@inlineCallbacks
+def stopped_cleanly(child: Unread, read_end: int) -> Any:
+    """SIGTERM ``child`` (whose output went to the pipe ``read_end`` reads), check that it exits with status 0
+    within 10 s, and return the lines the pipe holds."""
+    os.kill(child.transport.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+    stopping = reactor.seconds()
+    ended = yield child.ended
+    assert reactor.seconds() - stopping < 10
+    assert ended.exitCode == 0 and ended.signal is None
+    os.set_blocking(read_end, False)
+    return os.read(read_end, 1 << 20).split(b"\n")
+
+
 class Collect(Unread):
     """A child whose output this test does read."""
 
@@ -119,14 +132,8 @@ def test_unread_stdout_does_not_stop_the_proxy(tmp_path: Path, runner: str) -> A
         assert not (tmp_path / "twistd.pid").exists()
         answered = yield deferToThread(refused_requests, ports[0], REQUESTS, time.monotonic() + 120)
         assert answered == REQUESTS
-        os.kill(blocked.transport.pid, signal.SIGTERM)  # type: ignore[attr-defined]
-        stopping = reactor.seconds()
-        ended = yield blocked.ended
-        assert reactor.seconds() - stopping < 10
-        assert ended.exitCode == 0 and ended.signal is None
+        lines = yield stopped_cleanly(blocked, read_end)
         # What reached the pipe is whole lines of the log, in the configured (console) format, with no log file.
-        os.set_blocking(read_end, False)
-        lines = os.read(read_end, 1 << 20).split(b"\n")
         assert len(lines) > 100 and b"failed: no connector" in lines[-2]
         assert all(line.startswith((b"20", b"\t")) for line in lines[:-1])
         assert not list(tmp_path.glob("*.log"))
@@ -184,13 +191,7 @@ def test_unread_stdout_does_not_stop_the_connector(stack: Stack) -> Any:
         yield wait_for(lambda: stack.proxy is not None and stack.proxy.registry.count() == 1, timeout=30)
         answered = yield deferToThread(denied_connects, stack.socks_port, REQUESTS, time.monotonic() + 120)
         assert answered == REQUESTS
-        os.kill(child.transport.pid, signal.SIGTERM)  # type: ignore[attr-defined]
-        stopping = reactor.seconds()
-        ended = yield child.ended
-        assert reactor.seconds() - stopping < 10
-        assert ended.exitCode == 0 and ended.signal is None
-        os.set_blocking(read_end, False)
-        lines = os.read(read_end, 1 << 20).split(b"\n")
+        lines = yield stopped_cleanly(child, read_end)
         assert len(lines) > 100 and any(b"[AUDIT-EVENT]" in line and b"access denied" in line for line in lines)
         assert all(line.startswith((b"20", b"\t", b"[AUDIT-EVENT]")) for line in lines[:-1])
         assert not (stack.tmp / "twistd.pid").exists() and not list(stack.tmp.glob("*.log"))
