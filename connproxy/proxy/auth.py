@@ -52,11 +52,12 @@ from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 
 from connproxy.config import TENANT_MODES, token_keys_url_problem, uaa_domain_problem
+from connproxy.nodelay import no_delay_agent
 from connproxy.pki.jwks import ALLOWED_ALGORITHMS, MAX_JWKS_BYTES, JwksError, read_jwks_file, usable_jwks
 
 __all__ = [
@@ -419,7 +420,7 @@ class AgentJwksFetcher:
 
     Only status 200 counts. A body larger than ``max_bytes`` (by ``Content-Length``, or while streaming) is
     refused and its connection closed. HTTPS server certificates are verified against the system trust store
-    (the ``Agent`` default). There is no timeout here: :class:`KeyStore` cancels a fetch that takes too long,
+    (the ``Agent`` default); the connections have TCP_NODELAY. There is no timeout here: :class:`KeyStore` cancels a fetch that takes too long,
     which closes the connection.
     """
 
@@ -438,7 +439,7 @@ class AgentJwksFetcher:
         if agent is None:
             if not IReactorTCP.providedBy(reactor):
                 raise TypeError("fetching token keys needs a reactor that provides IReactorTCP")
-            agent = Agent(reactor)  # type: ignore[no-untyped-call]
+            agent = no_delay_agent(reactor)
         self._agent = agent
         self._max_bytes = max_bytes
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest_twisted
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http import HTTPChannel
 
 from connproxy.connector.http_gateway import HttpBackend
@@ -51,7 +52,7 @@ def no_delay_by_kind(ports: set[int]) -> dict[str, list[int]]:
                 continue
         except OSError:
             continue
-        for kind in (BackendRelay, HttpBackend, TunnelConnection, HTTPChannel):
+        for kind in (BackendRelay, HttpBackend, TunnelConnection, HTTPChannel, HTTP11ClientProtocol):
             if isinstance(protocol, kind):
                 value = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                 found.setdefault(kind.__name__, []).append(value)
@@ -119,3 +120,47 @@ def test_every_owned_socket_has_tcp_nodelay(stack: Stack) -> Any:
     for client in clients:
         client.transport.loseConnection()
         yield client.done
+
+
+@pytest_twisted.inlineCallbacks
+def test_token_key_fetches_have_tcp_nodelay(stack: Stack) -> Any:
+    """The proxy's token key fetches (``tokenKeysUrl``, ``uaaDomain``: HTTPS) go through
+    :class:`~connproxy.nodelay.NoDelayAgentEndpoints`: the connection to the key server has TCP_NODELAY, read back
+    while the server holds the answer. The test's CA stands in for the system trust store. Recent Twisted (26.10
+    here) sets the option in its HTTP client itself, so this assertion fails only with the older releases that
+    ``setup.cfg`` admits (as the metrics one above)."""
+    from twisted.internet.defer import Deferred
+    from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+    from twisted.web.client import Agent
+    from twisted.web.resource import Resource
+    from twisted.web.server import NOT_DONE_YET, Request, Site
+
+    from connproxy.nodelay import NoDelayAgentEndpoints
+
+    held: list[Request] = []
+
+    class Keys(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Request) -> Any:
+            held.append(request)
+            return NOT_DONE_YET
+
+    class TestTrust:
+        def creatorForNetloc(self, host: bytes, port: int) -> Any:
+            return optionsForClientTLS(host.decode(), trustRoot=Certificate.loadPEM(stack.pki.ca_cert_pem))
+
+    cert = PrivateCertificate.loadPEM(stack.pki.server_cert_pem + b"\n" + stack.pki.server_key_pem)
+    port = yield SSL4ServerEndpoint(reactor, 0, cert.options(), interface="127.0.0.1").listen(Site(Keys()))
+    stack.ports.append(port)
+    endpoints = NoDelayAgentEndpoints(reactor)
+    endpoints.policy = TestTrust()  # type: ignore[assignment]
+    answer: Deferred[Any] = Agent.usingEndpointFactory(reactor, endpoints).request(
+        b"GET", f"https://localhost:{port.getHost().port}/keys".encode())
+    yield wait_for(lambda: bool(held))
+    found = no_delay_by_kind({port.getHost().port})
+    assert found.get("HTTP11ClientProtocol") == [1], found
+    held[0].write(b"{}")
+    held[0].finish()
+    response = yield answer
+    assert response.code == 200
