@@ -201,3 +201,30 @@ def test_unread_stdout_does_not_stop_the_connector(stack: Stack) -> Any:
         os.close(write_end)
         os.close(read_end)
         yield child.ended
+
+
+@pytest.mark.parametrize("role", ["connproxy", "connproxy-connector"])
+@pytest_twisted.inlineCallbacks
+def test_sigusr2_toggles_debug_in_both_processes(stack: Stack, role: str) -> Any:
+    """SIGUSR2 switches the running process to ``debug`` and back, each switch said in a line (docs/logging.md),
+    in the proxy and in the connector process (whose observer once had no reactor, so no handler)."""
+    if role == "connproxy":
+        config = proxy_config(stack.tmp, free_port(), "usr2")
+    else:
+        stack.start_proxy()
+        config = connector_config(stack, [tcp_rule("allowed.internal", 1, free_port())])
+    child = Collect()
+    args = [str(BIN / "twistd"), "-n", role, "--config", str(config)]
+    reactor.spawnProcess(child, args[0], args, env={**os.environ, "CONNPROXY_STATE_DIR": str(stack.tmp / "state")},
+                         path=str(stack.tmp))
+    try:
+        # The handler is set once the reactor runs; the first lines after that: a listener, or the tunnel.
+        yield wait_for(lambda: b"listening on" in child.output or b"tunnel established" in child.output, timeout=30)
+        os.kill(child.transport.pid, signal.SIGUSR2)  # type: ignore[attr-defined]
+        yield wait_for(lambda: b"log level is now debug (configured: info)" in child.output, timeout=10)
+        os.kill(child.transport.pid, signal.SIGUSR2)  # type: ignore[attr-defined]
+        yield wait_for(lambda: b"log level is now info (configured: info)" in child.output, timeout=10)
+    finally:
+        os.kill(child.transport.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+        ended = yield child.ended
+    assert ended.exitCode == 0, bytes(child.output[-2000:])
