@@ -31,8 +31,10 @@ from __future__ import annotations
 import atexit
 import errno
 import math
+import os
 import re
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from datetime import UTC, datetime
@@ -300,7 +302,8 @@ def set_log_file(logfile: str | None, nodaemon: bool) -> None:
 def use_twist_options(options: MutableMapping[str, Any]) -> None:
     """Under ``twist`` (``options`` are its command line; the plugins' option parser calls this): log through the
     observer :func:`install` gives the application, where ``--log-file`` says (``-``, the default: standard
-    output; ``+``: standard error; a name: that file, rotated on SIGUSR1 and at 1 MB as under twistd).
+    output; ``+``: standard error; the name of a regular file: that file, rotated on SIGUSR1 and at 1 MB as under
+    twistd; any other name, such as ``/dev/stdout`` or a FIFO: the descriptor twist opened, never blocking).
 
     twist has no application observer: after making the service it builds its own from the options'
     ``fileLogObserverFactory`` (blocking writes, its own JSON, no audit lines, ``logging`` ignored). That
@@ -311,13 +314,16 @@ def use_twist_options(options: MutableMapping[str, Any]) -> None:
     global _log_file, _log_fd
     log_file = options.get("logFile")
     name = getattr(log_file, "name", None)
-    if isinstance(name, str) and not name.startswith("<"):  # a file twist opened by name ("<stdout>" is not)
-        _log_file, _log_fd = name, 1
+    try:
+        fd = log_file.fileno() if log_file is not None else 1
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's stand-in): standard output
+        fd, regular = 1, False
+    if isinstance(name, str) and not name.startswith("<"):  # a name from the command line ("<stdout>" is not)
+        # A regular file is rotated as under twistd; anything else (/dev/stdout in a container: a pipe; a FIFO)
+        # is written through the descriptor twist opened, never blocking.
+        _log_file, _log_fd = (name, 1) if regular else (None, fd)
     else:
-        try:
-            fd = log_file.fileno() if log_file is not None else 1
-        except (AttributeError, OSError, ValueError):  # not a real file (a test's stand-in)
-            fd = 1
         _log_file, _log_fd = None, 2 if fd == 2 or name == "<stderr>" else 1
     options["fileLogObserverFactory"] = _twist_observer
     options["logLevel"] = LogLevel.debug

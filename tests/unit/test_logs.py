@@ -320,6 +320,14 @@ def test_under_twist_the_installed_observer_is_handed_to_twist(monkeypatch: pyte
     logs.use_twist_options(options)
     assert (logs._log_file, logs._log_fd) == (str(tmp_path / "proxy.log"), 1)
     options["logFile"].close()
+    # A name that is not a regular file (/dev/stdout in a container: a pipe) is written through the descriptor
+    # twist opened, never as a rotated log file (whose seek would fail).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with io.FileIO(str(fifo), "r+") as pipe:  # read-write: opening does not wait for a reader
+        options["logFile"] = pipe
+        logs.use_twist_options(options)
+        assert (logs._log_file, logs._log_fd) == (None, pipe.fileno())
 
 
 def test_a_closed_stdout_drops_and_counts(monkeypatch: pytest.MonkeyPatch) -> None:
