@@ -294,9 +294,22 @@ def set_log_file(logfile: str | None, nodaemon: bool) -> None:
     """Record where twistd's command line sends the log (the plugins' option parser calls this), as twistd
     itself would: ``--logfile=-``, or no ``--logfile`` with ``--nodaemon``: standard output; ``--logfile=NAME``:
     that file, rotated as twistd rotates it (at 1 MB, and on SIGUSR1); no ``--logfile`` when daemonizing:
-    ``twistd.log``."""
-    global _log_file
+    ``twistd.log``. A ``NAME`` that exists and is not a regular file (``/dev/stdout`` in a container: a pipe; a
+    FIFO; a terminal) is opened once and written never blocking, like standard output, not rotated (a log file's
+    seek fails on it)."""
+    global _log_file, _log_fd
     _log_file = None if logfile == "-" or (nodaemon and not logfile) else (logfile or "twistd.log")
+    if _log_file is not None:
+        try:
+            special = not stat.S_ISREG(os.stat(_log_file).st_mode)
+        except OSError:  # not there yet: twistd's log file, created on first write
+            special = False
+        if special:
+            try:
+                _log_fd = os.open(_log_file, os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError:  # left to the log file's own open, which says what is wrong
+                return
+            _log_file = None
 
 
 def use_twist_options(options: MutableMapping[str, Any]) -> None:

@@ -336,3 +336,23 @@ def test_a_closed_stdout_drops_and_counts(monkeypatch: pytest.MonkeyPatch) -> No
     os.close(write_end)  # a descriptor number that is not open
     writer = logs._open_stdout(write_end)
     assert not writer.write_line("lost") and writer.dropped == 1
+
+
+def test_twistd_logfile_naming_a_pipe_is_written_never_blocking(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Any) -> None:
+    """``twistd --logfile=/dev/stdout`` (a pipe in a container) or a FIFO: opened once and written like standard
+    output, not as a rotated log file (whose seek fails on a pipe); a regular or missing file stays a log file."""
+    monkeypatch.setattr(logs, "_log_file", None)
+    monkeypatch.setattr(logs, "_log_fd", 1)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so that opening for writing does not wait
+    try:
+        logs.set_log_file(str(fifo), nodaemon=True)
+        assert logs._log_file is None and logs._log_fd not in (1, 2)
+        assert os.fstat(logs._log_fd).st_ino == os.stat(fifo).st_ino
+        os.close(logs._log_fd)
+    finally:
+        os.close(reader)
+    logs.set_log_file(str(tmp_path / "proxy.log"), nodaemon=True)  # missing: twistd's rotated log file
+    assert logs._log_file == str(tmp_path / "proxy.log")
