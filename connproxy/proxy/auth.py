@@ -420,8 +420,8 @@ class AgentJwksFetcher:
 
     Only status 200 counts. A body larger than ``max_bytes`` (by ``Content-Length``, or while streaming) is
     refused and its connection closed. HTTPS server certificates are verified against the system trust store
-    (the ``Agent`` default); the connections have TCP_NODELAY. There is no timeout here: :class:`KeyStore` cancels a fetch that takes too long,
-    which closes the connection.
+    (the ``Agent`` default); the connections have TCP_NODELAY. There is no timeout here: :class:`KeyStore` cancels
+    a fetch that takes too long, which closes the connection.
     """
 
     def __init__(

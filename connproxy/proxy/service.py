@@ -282,11 +282,10 @@ class ProxyService(MultiService):
         """Lower the listeners' connection limits (and the per-client ones with them) where together they do not
         fit in ``nofile`` open files (:mod:`connproxy.proxy.fd_budget`); one warning names what was lowered.
         Returns the limits now in force by key."""
-        own = {"socks5": self.config.socks5.max_connections, "http": self.config.http.max_connections}
         holders: dict[str, ConnectionCounts] = {
-            (f"servers.proxy.{label}.maxConnections" if own.get(label)
+            (f"servers.proxy.{label}.maxConnections" if fe.max_connections
              else f"servers.proxy.clientConnection.maxConnections ({label})"): factory
-            for label, (_fe, factory) in self.front_ends.items()
+            for label, (fe, factory) in self.front_ends.items()
         }
         holders["servers.businessDataTunnel.maxConnections"] = self.tunnel_admission
         configured = {key: holder.max_connections for key, holder in holders.items()}
